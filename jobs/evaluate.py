@@ -7,8 +7,13 @@
     python jobs/evaluate.py classify --model runs/finetune-xxxx/adapter --task pubmedqa_rf \\
         --data ../shared/data/pubmedqa/pqal_trainval.json --format pubmedqa
 
-Tasks: ``perplexity`` (any causal-LM folder, any corpus file and reader format) and
-``classify`` (a classifier folder written by ``jobs/finetune.py``: base + adapters + head).
+    python jobs/evaluate.py qa --model DIR [--adapter LORA_DIR] \\
+        --data ../shared/data/pubmedqa/pqal_trainval.json --format pubmedqa --mode sc_cot
+
+Tasks: ``perplexity`` (any causal-LM folder, any corpus file and reader format),
+``classify`` (a classifier folder written by ``jobs/finetune.py``: base + adapters + head)
+and ``qa`` (a causal LM, optionally with a LoRA adapter, on MedQA/MedMCQA/PubMedQA in
+top_token, cot or sc_cot mode; the same code as the Serve app's /v1/qa).
 """
 
 from __future__ import annotations
@@ -55,6 +60,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     cls.add_argument("--ids", default=None, help="file of record ids to score (one per line), e.g. a dev split")
     cls.add_argument("--max-length", type=int, default=256)
     cls.add_argument("--bootstrap", type=int, default=1000)
+    qa = tasks.add_parser("qa", help="QA accuracy of a causal LM in top_token, cot or sc_cot mode")
+    qa.add_argument("--model", required=True, help="causal LM folder (with its tokenizer)")
+    qa.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format) to apply")
+    qa.add_argument("--data", required=True, help="QA file")
+    qa.add_argument("--format", required=True, help="medqa, medmcqa or pubmedqa")
+    qa.add_argument("--mode", default="top_token", help="top_token, cot or sc_cot")
+    qa.add_argument("--shots", type=int, default=0, help="few-shot exemplars per question")
+    qa.add_argument("--shots-file", default=None, help="exemplar pool (default: the data file, never the item)")
+    qa.add_argument("--seed", type=int, default=0)
+    qa.add_argument("--n", type=int, default=5, help="samples per question for sc_cot")
+    qa.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for sc_cot")
+    qa.add_argument("--max-new-tokens", type=int, default=128)
+    qa.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    qa.add_argument("--batch-size", type=int, default=8)
+    qa.add_argument("--predictions", default="qa_predictions.jsonl", help="per-item predictions file (JSONL)")
     args = parser.parse_args(list(argv) if argv is not None else None)
     try:
         from ray_med.runtime import setup_logging
@@ -67,6 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.model, args.data, args.format, seq_len=args.seq_len, batch_size=args.batch_size,
                 max_sequences=args.max_sequences, options=_options(args.option),
             )
+        elif args.command == "qa":
+            from ray_med.config import from_dict
+            from ray_med.evaluation.qa import QAConfig
+            from ray_med.evaluation.qa_eval import qa_task
+
+            cfg = from_dict(QAConfig, {"mode": args.mode, "shots": args.shots, "seed": args.seed, "n": args.n,
+                                       "temperature": args.temperature, "max_new_tokens": args.max_new_tokens},
+                            where="evaluate qa")
+            metrics = qa_task(args.model, args.data, args.format, cfg, adapter=args.adapter,
+                              shots_file=args.shots_file, predictions=args.predictions, limit=args.limit,
+                              batch_size=args.batch_size)
         else:
             from pathlib import Path
 

@@ -48,14 +48,19 @@ class ClassifyTrainConfig:
 
 def encode(tokenizer: Any, data: TaskData, max_length: int) -> dict[str, torch.Tensor]:
     """Token ids and attention masks of every example, padded to the longest."""
+    return encode_texts(tokenizer, data.texts, data.pairs, max_length)
+
+
+def encode_texts(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int
+) -> dict[str, torch.Tensor]:
+    """:func:`encode` on raw texts (and optional second segments): what the classify endpoint sends."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"  # the loop trims each batch to its longest example
     # longest_first trims the longer text of a pair first (in practice the context), and
     # still works when a question alone is longer than max_length.
-    enc = tokenizer(
-        data.texts, data.pairs, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt"
-    )
+    enc = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

@@ -1,0 +1,125 @@
+"""The Serve app's config: what it serves (a model folder, adapters, classifiers) and how.
+
+``build_app(args)`` reads the ``args`` of a Serve config YAML into :class:`ServeAppConfig`
+with the same strict loader as every job config, so a misspelt key fails ``serve run``
+with the valid keys listed. Paths are checked on the driver before any replica starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ray_med.errors import ConfigError
+from ray_med.evaluation.qa import QAConfig
+
+
+@dataclass
+class DeploymentConfig:
+    """Replicas, capacity and batching of one deployment."""
+
+    min_replicas: int = 1
+    """Autoscaling lower bound."""
+    max_replicas: int = 1
+    """Autoscaling upper bound (raise it on a cluster)."""
+    target_ongoing_requests: float = 16.0
+    """Autoscaling target of in-flight requests per replica."""
+    max_ongoing_requests: int = 64
+    """Requests a replica takes at once; must be >= max_batch_size or batches never fill."""
+    max_queued_requests: int = 256
+    """Requests waiting for a replica before new ones get HTTP 503 (backpressure, not OOM)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per replica."""
+    num_gpus: float = 0.0
+    """GPUs per replica (fractions share a GPU)."""
+    torch_threads: int = 0
+    """Intra-op threads for the model (0: torch's default, all the cores the process sees)."""
+    max_batch_size: int = 32
+    """Largest dynamic batch (@serve.batch)."""
+    batch_wait_timeout_s: float = 0.0
+    """How long a batch waits to fill. 0 takes whatever is queued: under load requests
+    pile up while the previous batch runs, so batches fill anyway, and a lone request
+    pays no wait."""
+    max_adapters: int = 8
+    """Adapters a replica keeps loaded (LRU; @serve.multiplexed)."""
+
+
+def _gateway() -> DeploymentConfig:
+    return DeploymentConfig(max_ongoing_requests=512, max_queued_requests=1024, num_cpus=0.5,
+                            target_ongoing_requests=128.0)
+
+
+def _lm() -> DeploymentConfig:
+    return DeploymentConfig(max_batch_size=8, max_ongoing_requests=16, max_queued_requests=64)
+
+
+@dataclass
+class ServeAppConfig:
+    """The ray_med Serve application (``import_path: ray_med.serving.app:build_app``)."""
+
+    model: str = ""
+    """Causal LM folder (HF format, with its tokenizer) for /v1/qa, /v1/generate and chat; empty: none."""
+    model_name: str = ""
+    """Name of the base model in /v1/models and chat requests (default: the folder's name)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters of the causal LM by name (PEFT folders, e.g. <finetune output_dir>/adapter)."""
+    classifiers: dict[str, str] = field(default_factory=dict)
+    """Stage-2 classifiers by name (folders written by jobs/finetune.py stage=downstream)."""
+    qa: QAConfig = field(default_factory=QAConfig)
+    """Default QA settings; a request may change mode, n, temperature and seed."""
+    shots_file: str = ""
+    """File of few-shot exemplars for /v1/qa (used when qa.shots > 0)."""
+    shots_format: str = ""
+    """Reader of shots_file: medqa, medmcqa or pubmedqa."""
+    max_input_chars: int = 20000
+    """Longest text field accepted (HTTP 413 beyond it)."""
+    max_new_tokens: int = 512
+    """Most tokens one request may generate."""
+    classify_max_length: int = 256
+    """Tokens per classified example (longer input is truncated, as in training)."""
+    gateway: DeploymentConfig = field(default_factory=_gateway)
+    """The HTTP ingress (FastAPI)."""
+    lm: DeploymentConfig = field(default_factory=_lm)
+    """The causal LM deployment."""
+    classifier: DeploymentConfig = field(default_factory=DeploymentConfig)
+    """The classifier deployment."""
+
+    def check(self) -> None:
+        """Every path exists and is the kind of folder its key says; names are unique."""
+        from ray_med.adapters.stacking import check_adapter_dir
+        from ray_med.errors import ModelError
+        from ray_med.serving.engines import check_classifier_dir
+
+        if not self.model and not self.classifiers:
+            raise ConfigError("nothing to serve: set model (a causal LM folder) and/or classifiers")
+        if self.model and not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"model: {self.model} is not a model folder (no config.json)")
+        if self.adapters and not self.model:
+            raise ConfigError("adapters are LoRA adapters of the causal LM: set model too")
+        both = set(self.adapters) & set(self.classifiers)
+        if both:
+            raise ConfigError(f"names used both as adapter and classifier: {sorted(both)}")
+        try:
+            for name, path in self.adapters.items():
+                check_adapter_dir(path)
+                _check_name(name)
+            for name, path in self.classifiers.items():
+                check_classifier_dir(path)
+                _check_name(name)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.qa.shots > 0 and not self.shots_file:
+            raise ConfigError("qa.shots > 0 needs shots_file (and shots_format)")
+        for part in (self.gateway, self.lm, self.classifier):
+            if part.max_ongoing_requests < part.max_batch_size:
+                raise ConfigError(f"max_ongoing_requests ({part.max_ongoing_requests}) < max_batch_size "
+                                  f"({part.max_batch_size}): batches could never fill")
+
+    @property
+    def base_name(self) -> str:
+        return self.model_name or (Path(self.model).name if self.model else "")
+
+
+def _check_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"adapter name {name!r}: use letters, digits, '-', '_' and '.' only")

@@ -1,0 +1,90 @@
+"""Request and response bodies of the HTTP API (pydantic), shared by the app and its clients.
+
+Limits that protect a replica (input length, sample counts, token budgets) are part of
+the schema, so an oversized request is refused with a 4xx before it reaches a model.
+The length limits here are the defaults; the app re-checks against its configured ones.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_CHARS = 100_000  # hard ceiling; the app's max_input_chars is the working limit
+
+
+class _Strict(BaseModel):
+    # A misspelt field ("temprature") is an error, not silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class QARequest(_Strict):
+    question: str = Field(min_length=1, max_length=MAX_CHARS)
+    context: str | None = Field(default=None, max_length=MAX_CHARS)
+    options: dict[str, str] | None = Field(default=None, description="answer options by letter; none means yes/no/maybe")
+    mode: Literal["top_token", "cot", "sc_cot"] = "top_token"
+    n: int | None = Field(default=None, ge=1, le=32, description="samples for sc_cot")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    seed: int | None = None
+    adapter: str | None = None
+
+
+class QAResponse(BaseModel):
+    answer: str | None
+    abstained: bool
+    scores: dict[str, float] | None = None
+    logprobs: dict[str, float] | None = None
+    votes: dict[str, int] | None = None
+    invalid: int | None = None
+    rationale: str | None = None
+    adapter: str | None = None
+
+
+class ClassifyRequest(_Strict):
+    text: str | None = Field(default=None, min_length=1, max_length=MAX_CHARS)
+    text_pair: str | None = Field(default=None, max_length=MAX_CHARS)
+    adapter: str | None = None
+
+
+class ClassifyResponse(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    labels: list[str] | None = None
+    adapter: str
+
+
+class GenerateRequest(_Strict):
+    prompt: str = Field(min_length=1, max_length=MAX_CHARS)
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int = 0
+    image: str | None = Field(default=None, description="base64 PNG/JPEG, for multimodal models")
+    adapter: str | None = None
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    adapter: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_CHARS)
+
+
+class ChatRequest(BaseModel):
+    # OpenAI clients send fields this subset ignores (stream=false, top_p=1, ...): allow them.
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+
+
+class ErrorBody(BaseModel):
+    error: str
+    type: str

@@ -1,0 +1,119 @@
+"""The serving engines and adapter host in process (no Ray): what each deployment computes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ray_med.errors import ConfigError, ModelError
+
+
+def test_adapter_host_switches_shares_and_unloads(serve_models):
+    from ray_med.adapters.host import AdapterHost
+    from ray_med.models import load_causal_lm
+
+    base = load_causal_lm(serve_models["lm"]).eval()
+    x = torch.tensor([[5, 17, 42, 9, 3]])
+    with torch.no_grad():
+        plain = base(x).logits
+    host = AdapterHost(base)
+    host.load("a", [serve_models["lora_a"]])
+    host.load("b", [serve_models["lora_b"]])
+    host.load("ab", [serve_models["lora_a"], serve_models["lora_b"]])  # a stacked pair, both active
+    out = {}
+    with torch.no_grad():
+        for name in (None, "a", "b", "ab"):
+            with host.use(name) as m:
+                out[name] = m(x).logits
+    torch.testing.assert_close(out[None], plain)
+    for a, b in (("a", "b"), ("a", "ab"), ("b", "ab")):
+        assert (out[a] - out[b]).abs().max() > 1e-3
+    assert (out["a"] - plain).abs().max() > 1e-3
+    n_params = sum(p.numel() for p in base.parameters())
+    host.unload("ab")
+    host.unload("b")
+    assert sum(p.numel() for p in base.parameters()) < n_params and host.loaded == ["a"]
+    with torch.no_grad(), host.use("a") as m:
+        torch.testing.assert_close(m(x).logits, out["a"])  # unaffected by the others leaving
+    with pytest.raises(ModelError, match="not loaded"), host.use("b"):
+        pass
+
+
+def test_adapter_host_refuses_non_lora(serve_models, tmp_path):
+    from ray_med.adapters.host import AdapterHost
+    from ray_med.models import load_causal_lm
+
+    fake = tmp_path / "prefix"
+    fake.mkdir()
+    (fake / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
+    host = AdapterHost(load_causal_lm(serve_models["lm"]))
+    with pytest.raises(ModelError, match="PREFIX_TUNING adapter; one shared base serves LoRA adapters only"):
+        host.load("p", [fake])
+    with pytest.raises(ModelError, match="not a PEFT adapter folder"):
+        host.load("q", [tmp_path])
+
+
+def test_classifier_engine_shares_one_base_and_matches_load_classifier(serve_models):
+    from ray_med.adapters.stacking import load_classifier
+    from ray_med.models import load_tokenizer
+    from ray_med.serving.engines import ClassifierEngine
+    from ray_med.training.classify import encode_texts, predict
+
+    texts = ["Fever and productive cough for three days.", "Routine follow-up, no complaints."]
+    engine = ClassifierEngine({"triage": str(serve_models["triage"]), "urgency": str(serve_models["urgency"])})
+    got = {name: engine.classify(name, texts) for name in ("triage", "urgency", "triage")}
+    assert len(engine._bases) == 1  # two classifiers, one MiniLM in memory
+    for name in ("triage", "urgency"):
+        model, meta = load_classifier(serve_models[name])
+        tok = load_tokenizer(meta["base_model"])
+        probs = predict(model, encode_texts(tok, texts, None, 256), meta["task_type"])
+        served = np.array([[r["probabilities"][lab] for lab in meta["labels"]] for r in got[name]])
+        np.testing.assert_allclose(served, probs, atol=1e-5)
+    engine.unload("urgency")
+    assert engine._bases[next(iter(engine._bases))][0].loaded == ["triage"]
+    with pytest.raises(ModelError, match="unknown classifier 'nope'"):
+        engine.classify("nope", texts)
+
+
+def test_classifier_engine_rejects_a_non_classifier_folder(serve_models):
+    from ray_med.serving.engines import ClassifierEngine
+
+    with pytest.raises(ModelError, match="not a ray_med classifier folder"):
+        ClassifierEngine({"x": str(serve_models["lora_a"])})
+
+
+def test_app_config_is_strict_and_checks_folders(serve_models, tmp_path):
+    from ray_med.config import from_dict
+    from ray_med.serving.config import ServeAppConfig
+
+    ok = {"model": str(serve_models["lm"]), "adapters": {"a": str(serve_models["lora_a"])},
+          "classifiers": {"t": str(serve_models["triage"])}}
+    from_dict(ServeAppConfig, ok).check()
+    with pytest.raises(ConfigError, match="classifers"):
+        from_dict(ServeAppConfig, {**ok, "classifers": {}})
+    bad = [
+        ({"model": str(tmp_path)}, "no config.json"),
+        ({**ok, "adapters": {"a": str(tmp_path)}}, "not a PEFT adapter folder"),
+        ({**ok, "classifiers": {"t": str(serve_models["lora_a"])}}, "not a ray_med classifier folder"),
+        ({**ok, "adapters": {"t": str(serve_models["lora_a"])}}, "both as adapter and classifier"),
+        ({**ok, "adapters": {"a b": str(serve_models["lora_a"])}}, "letters, digits"),
+        ({}, "nothing to serve"),
+        ({**ok, "lm": {"max_batch_size": 64, "max_ongoing_requests": 8}}, "batches could never fill"),
+        ({**ok, "qa": {"shots": 2}}, "shots_file"),
+    ]
+    for args, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(ServeAppConfig, args).check()
+
+
+def test_build_app_applies_overrides_without_ray(serve_models):
+    """build_app only binds deployments (no Ray needed); overrides use the key=value syntax."""
+    from ray_med.serving.app import build_app
+
+    app = build_app({"classifiers": {"t": str(serve_models["triage"])}, "overrides": ["classifier.max_batch_size=16"]})
+    assert app is not None
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        build_app({"classifiers": {"t": str(serve_models["triage"])}, "overrides": ["classifier.max_batch_sise=16"]})
