@@ -13,7 +13,10 @@ Stages so far:
    per source before and after;
 5. **domain**: a stage-1 domain LoRA on the MTSamples notes over the pretrained model;
 6. **downstream**: a stage-2 downstream LoRA + head on PubMedQA (reasoning-free), with
-   the domain adapter stacked under it, and a metrics table.
+   the domain adapter stacked under it, and a metrics table;
+7. **serve**: the Serve app of ``cluster/serve/tiny.yaml`` on this run's model, domain
+   adapter and classifier; one request to every endpoint, answers printed, and the
+   filled-in Serve config written to ``<storage>/serve_tiny.yaml`` for ``serve run``.
 
 Each stage after the first keeps its own job config file, so the demo runs exactly
 what ``jobs/<stage>.py`` runs; the pipeline only points it at the same data root and
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ray_med.data.config import CorpusConfig
+from ray_med.errors import ConfigError
 from ray_med.models.config import TokenizerConfig
 from ray_med.runtime import RuntimeConfig, init_ray, start_run
 
@@ -44,6 +48,18 @@ class StageConfig:
     """The stage's job config file (YAML)."""
     overrides: list[str] = field(default_factory=list)
     """key=value overrides applied to that config."""
+
+
+@dataclass
+class ServeStageConfig:
+    """The demo deployment: the Serve app on this run's outputs, queried once per endpoint."""
+
+    enabled: bool = True
+    """Run this stage (needs pretrain; uses the adapter stages' outputs when they ran)."""
+    config: str = "cluster/serve/tiny.yaml"
+    """Serve config file; its first application's args are used with this run's folders."""
+    port: int = 0
+    """HTTP port while the demo runs (0: a free port)."""
 
 
 @dataclass
@@ -66,6 +82,8 @@ class PipelineConfig:
         default_factory=lambda: StageConfig(config="jobs/configs/finetune/tiny_downstream.yaml")
     )
     """Stage-2 downstream adapter + classifier (needs pretrain; stacks domain's adapter when it ran)."""
+    serve: ServeStageConfig = field(default_factory=ServeStageConfig)
+    """Deploy the results with Ray Serve and query every endpoint once."""
 
 
 @dataclass
@@ -82,6 +100,8 @@ class PipelineResult:
     """The domain-adapter stage's result, when it ran."""
     downstream: Any = None
     """The downstream stage's result, when it ran."""
+    serve: Any = None
+    """The serve stage's responses (one per endpoint), when it ran."""
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
@@ -126,7 +146,43 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     if cfg.pretrain.enabled:
         result.pretrain = _pretrain_stage(cfg)
         result.domain, result.downstream = _adapter_stages(cfg, result.pretrain.model_dir)
+        if cfg.serve.enabled:
+            result.serve = _serve_stage(cfg, result)
     return result
+
+
+def _serve_stage(cfg: PipelineConfig, result: PipelineResult) -> list[dict[str, Any]]:
+    """Deploy this run's model, domain adapter and classifier; one request per endpoint."""
+    import os
+
+    from ray_med.data import read_records
+    from ray_med.data.tasks import get_task, task_data
+    from ray_med.serving.client import demo_requests, summarize
+    from ray_med.serving.deploy import read_serve_config, running, with_args, write_serve_config
+
+    print("\n== stage: serve ==")
+    adapters = {"mtsamples": os.path.abspath(result.domain.adapter_dir)} if result.domain else {}
+    classifiers = {"pubmedqa_rf": os.path.abspath(result.downstream.adapter_dir)} if result.downstream else {}
+    config = with_args(read_serve_config(cfg.serve.config), model=os.path.abspath(result.pretrain.model_dir),
+                       adapters=adapters, classifiers=classifiers)
+    # A real PubMedQA item: its question and abstract for QA, question + conclusion to classify.
+    source = next((s for s in cfg.corpus.sources if s.reader == "pubmedqa"), None)
+    if source is None:
+        raise ConfigError("the serve stage asks a PubMedQA question: add a pubmedqa source to the corpus")
+    records = read_records("pubmedqa", cfg.corpus.resolve(source)).records
+    item = records[0]
+    rf = task_data(get_task("pubmedqa_rf"), records[:1])
+    with running(config, port=cfg.serve.port or None) as url:
+        rows = demo_requests(url, question=item.question, context=item.context, classify_text=rf.texts[0],
+                             classify_pair=rf.pairs[0] if rf.pairs else None,
+                             classifier=next(iter(classifiers), ""), adapter=next(iter(adapters), None))
+    print(f"served at {url} (PubMedQA {item.id}: {item.question!r}, gold answer {item.answer})")
+    for row in rows:
+        print(f"  {row['endpoint']:<22} {summarize(row)}")
+    if cfg.run.storage and "://" not in cfg.run.storage:
+        written = write_serve_config(config, os.path.join(cfg.run.storage, "serve_tiny.yaml"))
+        print(f"serve config: {written}  (run it: serve run {written})")
+    return rows
 
 
 def _stage_config(cls: type, stage: StageConfig, cfg: PipelineConfig, extra: list[str]) -> Any:

@@ -1,4 +1,4 @@
-"""The core packages (models, data, adapters, evaluation, config) never import Ray or DeepSpeed."""
+"""The core packages (models, data, adapters, evaluation, config, the serving engines) never import Ray or DeepSpeed."""
 
 from __future__ import annotations
 
@@ -41,3 +41,11 @@ def test_importing_the_core_loads_no_ray() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_serving_core_is_ray_free() -> None:
+    """Only app.py (the deployments) and deploy.py (running them) touch Ray; engines, config, schemas, client are plain."""
+    files = [f for f in sorted((PKG / "serving").glob("*.py")) if f.name not in ("app.py", "deploy.py")]
+    assert {f.name for f in files} >= {"engines.py", "config.py", "schemas.py"}
+    offenders = {f.name: sorted(_imported_roots(f) & FORBIDDEN) for f in files}
+    assert {k: v for k, v in offenders.items() if v} == {}

@@ -24,6 +24,7 @@ can never race with a forward.
 import asyncio
 import base64
 import binascii
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -83,8 +84,12 @@ class _Worker:
     def _start(self, part: DeploymentConfig) -> None:
         from ray_med.serving.engines import set_threads
 
-        set_threads(part.torch_threads)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        threads = part.torch_threads or max(1, math.ceil(part.num_cpus))
+        # The thread count must be set *in* the compute thread: OpenMP keeps it per
+        # thread, and a new thread starts from OMP_NUM_THREADS, which Ray sets to the
+        # actor's CPU count (1 for a fractional actor): measured 1.5x slower forwards.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model",
+                                        initializer=set_threads, initargs=(threads,))
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
@@ -135,7 +140,8 @@ def _lm_deployment(cfg: ServeAppConfig) -> Any:
                 await self.get_adapter(name)
             return name
 
-        @serve.batch(max_batch_size=part.max_batch_size, batch_wait_timeout_s=part.batch_wait_timeout_s)
+        @serve.batch(max_batch_size=part.max_batch_size, batch_wait_timeout_s=part.batch_wait_timeout_s,
+                     max_concurrent_batches=part.max_concurrent_batches)
         async def _top_token(self, prompts: list[list[int]], choices: list[list[str]]) -> list[Any]:
             # Serve splits batches by multiplexed model id: one adapter per batch.
             adapter = await self._adapter()
@@ -173,7 +179,7 @@ def _lm_deployment(cfg: ServeAppConfig) -> Any:
         async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
             return self.engine.chat_prompt(messages)
 
-    return LMServer.options(**_options(part))
+    return LMServer.options(**_options(part, cfg))
 
 
 def _classifier_deployment(cfg: ServeAppConfig) -> Any:
@@ -193,7 +199,8 @@ def _classifier_deployment(cfg: ServeAppConfig) -> Any:
             await self._run(self.engine.load, name)
             return self._unload_hook(self.engine.unload, name)
 
-        @serve.batch(max_batch_size=part.max_batch_size, batch_wait_timeout_s=part.batch_wait_timeout_s)
+        @serve.batch(max_batch_size=part.max_batch_size, batch_wait_timeout_s=part.batch_wait_timeout_s,
+                     max_concurrent_batches=part.max_concurrent_batches)
         async def classify(self, texts: list[str], pairs: list[str | None]) -> list[dict[str, Any]]:
             name = serve.get_multiplexed_model_id()
             try:
@@ -202,20 +209,32 @@ def _classifier_deployment(cfg: ServeAppConfig) -> Any:
             except RayMedError as exc:
                 return [self._error(exc)] * len(texts)
 
-    return ClassifierServer.options(**_options(part))
+    return ClassifierServer.options(**_options(part, cfg))
 
 
-def _options(part: DeploymentConfig) -> dict[str, Any]:
-    return {
+def _options(part: DeploymentConfig, cfg: ServeAppConfig, *, hosts: DeploymentConfig | None = None) -> dict[str, Any]:
+    """Deployment options; ``hosts``: the part whose model runs inside this deployment too."""
+    cpus, gpus, env = part.num_cpus, part.num_gpus, dict(part.env)
+    if hosts is not None:
+        cpus, gpus, env = max(cpus, hosts.num_cpus), max(gpus, hosts.num_gpus), {**env, **hosts.env}
+    # Serve reads this flag when the replica process imports it: it must be in the env.
+    env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "1" if part.user_code_thread else "0"
+    opts: dict[str, Any] = {
         "max_ongoing_requests": part.max_ongoing_requests,
         "max_queued_requests": part.max_queued_requests,
-        "autoscaling_config": {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env}},
+        # One access-log line per request per hop costs CPU on a small box; off by default.
+        "logging_config": {"enable_access_log": cfg.access_log, "log_level": cfg.log_level},
+    }
+    if part.max_replicas > part.min_replicas:
+        opts["autoscaling_config"] = {
             "min_replicas": part.min_replicas,
             "max_replicas": part.max_replicas,
             "target_ongoing_requests": part.target_ongoing_requests,
-        },
-        "ray_actor_options": {"num_cpus": part.num_cpus, "num_gpus": part.num_gpus},
-    }
+        }
+    else:  # a fixed size: no autoscaling metrics pushed to the controller on every request
+        opts["num_replicas"] = part.min_replicas
+    return opts
 
 
 def _shots(cfg: ServeAppConfig) -> list[Any]:
@@ -229,10 +248,6 @@ def _shots(cfg: ServeAppConfig) -> list[Any]:
 
 # --------------------------------------------------------------------------- the HTTP gateway
 
-api = FastAPI(title="ray_med", description="Medical QA, classification and generation on Ray Serve.")
-
-
-@api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
@@ -244,14 +259,12 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     return JSONResponse({"error": "; ".join(parts), "type": "invalid_request"}, status_code=422)
 
 
-@api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # A bug, not bad input: still JSON with a message, and the replica stays up.
     return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "type": "internal"},
                         status_code=500)
 
 
-@api.exception_handler(HTTPError)
 async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
     return JSONResponse({"error": exc.message, "type": exc.kind}, status_code=exc.status)
 
@@ -272,135 +285,179 @@ def _check_image(data: str, limit: int) -> None:
         raise HTTPError(415, str(exc), "not_an_image") from None
 
 
-@serve.deployment(name="Gateway")
-@serve.ingress(api)
-class Gateway:
-    def __init__(self, args: dict[str, Any], lm: DeploymentHandle | None, classifier: DeploymentHandle | None):
-        self.cfg = from_dict(ServeAppConfig, args)
-        self.lm = lm
-        self.classifier = classifier
-        self.started = time.time()
+def _gateway_deployment(cfg: ServeAppConfig) -> Any:
+    """The FastAPI ingress; with ``classify_in_gateway`` it also runs the classifiers itself."""
+    api = FastAPI(title="ray_med", description="Medical QA, classification and generation on Ray Serve.")
+    api.add_exception_handler(RequestValidationError, _invalid)
+    api.add_exception_handler(HTTPError, _http_error)
+    api.add_exception_handler(Exception, _unexpected)
+    part = cfg.classifier
 
-    # ---- helpers
+    @serve.deployment(name="Gateway")
+    @serve.ingress(api)
+    class Gateway(_Worker):
+        def __init__(self, args: dict[str, Any], lm: DeploymentHandle | None, classifier: DeploymentHandle | None):
+            self.cfg = from_dict(ServeAppConfig, args)
+            self.lm = lm
+            self.classifier = classifier
+            self.started = time.time()
+            self.local = None
+            if self.cfg.classifiers and self.cfg.classify_in_gateway:
+                from ray_med.serving.engines import ClassifierEngine
 
-    def _adapter(self, request: Request, field_value: str | None, known: dict[str, str], what: str) -> str | None:
-        header = request.headers.get(HEADER) or None
-        if field_value and header and field_value != header:
-            raise HTTPError(400, f"adapter {field_value!r} in the body and {header!r} in the {HEADER} header differ")
-        name = field_value or header
-        if name and name not in known:
-            raise HTTPError(404, f"unknown {what} {name!r}; available: {sorted(known) or 'none'}", "unknown_adapter")
-        return name
+                self._start(self.cfg.classifier)
+                self.local = ClassifierEngine(self.cfg.classifiers, max_length=self.cfg.classify_max_length)
 
-    def _check_length(self, **fields: str | None) -> None:
-        for key, value in fields.items():
-            if value is not None and len(value) > self.cfg.max_input_chars:
-                raise HTTPError(413, f"{key} is {len(value)} characters; the limit is {self.cfg.max_input_chars}",
-                                "input_too_long")
+        @serve.multiplexed(max_num_models_per_replica=part.max_adapters)
+        async def get_classifier(self, name: str) -> Any:
+            await self._run(self.local.load, name)
+            return self._unload_hook(self.local.unload, name)
 
-    def _need_lm(self) -> DeploymentHandle:
-        if self.lm is None:
-            raise HTTPError(404, "this server has no language model (set model in its config)", "not_deployed")
-        return self.lm
+        @serve.batch(max_batch_size=part.max_batch_size, batch_wait_timeout_s=part.batch_wait_timeout_s,
+                     max_concurrent_batches=part.max_concurrent_batches)
+        async def _classify_local(self, names: list[str], texts: list[str], pairs: list[str | None]) -> list[Any]:
+            # The adapter can come from the body, so one batch may mix classifiers: group them.
+            out: list[Any] = [None] * len(texts)
+            for name in dict.fromkeys(names):
+                idx = [i for i, n in enumerate(names) if n == name]
+                try:
+                    await self.get_classifier(name)
+                    rows = await self._run(self.local.classify, name, [texts[i] for i in idx],
+                                           [pairs[i] for i in idx])
+                except RayMedError as exc:
+                    rows = [self._error(exc)] * len(idx)
+                for i, row in zip(idx, rows, strict=True):
+                    out[i] = row
+            return out
 
-    @staticmethod
-    async def _call(method: Any, *args: Any) -> Any:
-        try:
-            out = await method.remote(*args)
-        except BackPressureError:
-            raise HTTPError(503, "the server is at capacity; retry later", "overloaded") from None
-        if isinstance(out, dict) and "error" in out and "status" in out:
-            raise HTTPError(out["status"], out["error"], out.get("type", "invalid_request"))
-        return out
+        # ---- helpers
 
-    def _max_new(self, n: int) -> None:
-        if n > self.cfg.max_new_tokens:
-            raise HTTPError(422, f"max_new_tokens {n} exceeds this server's limit of {self.cfg.max_new_tokens}")
+        def _adapter(self, request: Request, field_value: str | None, known: dict[str, str], what: str) -> str | None:
+            header = request.headers.get(HEADER) or None
+            if field_value and header and field_value != header:
+                raise HTTPError(400, f"adapter {field_value!r} in the body and {header!r} in the {HEADER} header differ")
+            name = field_value or header
+            if name and name not in known:
+                raise HTTPError(404, f"unknown {what} {name!r}; available: {sorted(known) or 'none'}", "unknown_adapter")
+            return name
 
-    # ---- endpoints
+        def _check_length(self, **fields: str | None) -> None:
+            for key, value in fields.items():
+                if value is not None and len(value) > self.cfg.max_input_chars:
+                    raise HTTPError(413, f"{key} is {len(value)} characters; the limit is {self.cfg.max_input_chars}",
+                                    "input_too_long")
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "uptime_s": round(time.time() - self.started, 1)}
+        def _need_lm(self) -> DeploymentHandle:
+            if self.lm is None:
+                raise HTTPError(404, "this server has no language model (set model in its config)", "not_deployed")
+            return self.lm
 
-    @api.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
-        data = []
-        if self.cfg.model:
-            data.append({"id": self.cfg.base_name, "object": "model", "owned_by": "ray_med", "kind": "base",
-                         "path": self.cfg.model})
-        data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "lora", "parent": self.cfg.base_name,
-                  "path": p} for n, p in self.cfg.adapters.items()]
-        data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "classifier", "path": p}
-                 for n, p in self.cfg.classifiers.items()]
-        return {"object": "list", "data": data}
+        @staticmethod
+        async def _call(method: Any, *args: Any) -> Any:
+            try:
+                out = await method.remote(*args)
+            except BackPressureError:
+                raise HTTPError(503, "the server is at capacity; retry later", "overloaded") from None
+            if isinstance(out, dict) and "error" in out and "status" in out:
+                raise HTTPError(out["status"], out["error"], out.get("type", "invalid_request"))
+            return out
 
-    @api.post("/v1/qa", response_model=QAResponse, response_model_exclude_unset=True)
-    async def qa(self, body: QARequest, request: Request) -> dict[str, Any]:
-        lm = self._need_lm()
-        self._check_length(question=body.question, context=body.context)
-        if body.options is not None and len(body.options) < 2:
-            raise HTTPError(422, "options needs at least two entries")
-        adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
-        out = await self._call(lm.options(multiplexed_model_id=adapter or "").qa, body.model_dump())
-        return {**out, "adapter": adapter}
+        def _max_new(self, n: int) -> None:
+            if n > self.cfg.max_new_tokens:
+                raise HTTPError(422, f"max_new_tokens {n} exceeds this server's limit of {self.cfg.max_new_tokens}")
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_unset=True)
-    async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
-        if self.classifier is None:
-            raise HTTPError(404, "this server has no classifiers (set classifiers in its config)", "not_deployed")
-        if body.text is None:
-            raise HTTPError(422, "text is required (text_pair is the optional second segment)")
-        self._check_length(text=body.text, text_pair=body.text_pair)
-        name = self._adapter(request, body.adapter, self.cfg.classifiers, "classifier")
-        if name is None:
-            if len(self.cfg.classifiers) != 1:
-                raise HTTPError(422, f"name a classifier in adapter; available: {sorted(self.cfg.classifiers)}")
-            name = next(iter(self.cfg.classifiers))
-        out = await self._call(self.classifier.options(multiplexed_model_id=name).classify, body.text,
-                               body.text_pair)
-        return {**out, "adapter": name}
+        # ---- endpoints
 
-    @api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True)
-    async def generate(self, body: GenerateRequest, request: Request) -> dict[str, Any]:
-        lm = self._need_lm()
-        self._check_length(prompt=body.prompt)
-        self._max_new(body.max_new_tokens)
-        if body.image is not None:
-            _check_image(body.image, self.cfg.max_input_chars * 10)
-            raise HTTPError(422, "the served model is text-only; images need a multimodal model", "unsupported")
-        adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
-        out = await self._call(lm.options(multiplexed_model_id=adapter or "").generate, body.prompt,
-                               body.max_new_tokens, body.temperature, body.seed)
-        return {"text": out["text"], "adapter": adapter}
+        @api.get("/healthz")
+        async def healthz(self) -> dict[str, Any]:
+            return {"status": "ok", "uptime_s": round(time.time() - self.started, 1)}
 
-    @api.post("/v1/chat/completions")
-    async def chat(self, body: ChatRequest, request: Request) -> dict[str, Any]:
-        lm = self._need_lm()
-        if body.stream:
-            raise HTTPError(422, "stream=true is not supported; send stream=false", "unsupported")
-        for m in body.messages:
-            self._check_length(content=m.content)
-        adapter = None
-        if body.model and body.model != self.cfg.base_name:
-            adapter = self._adapter(request, body.model, self.cfg.adapters, "model")
-        adapter = adapter or self._adapter(request, None, self.cfg.adapters, "adapter")
-        max_new = body.max_completion_tokens or body.max_tokens or 64
-        self._max_new(max_new)
-        prompt = await lm.chat_prompt.remote([m.model_dump() for m in body.messages])
-        out = await self._call(lm.options(multiplexed_model_id=adapter or "").generate, prompt, max_new,
-                               body.temperature, body.seed or 0)
-        finish = "length" if out["completion_tokens"] >= max_new else "stop"
-        return {
-            "id": f"chatcmpl-{time.time_ns():x}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": adapter or self.cfg.base_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                         "finish_reason": finish}],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-        }
+        @api.get("/v1/models")
+        async def models(self) -> dict[str, Any]:
+            data = []
+            if self.cfg.model:
+                data.append({"id": self.cfg.base_name, "object": "model", "owned_by": "ray_med", "kind": "base",
+                             "path": self.cfg.model})
+            data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "lora", "parent": self.cfg.base_name,
+                      "path": p} for n, p in self.cfg.adapters.items()]
+            data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "classifier", "path": p}
+                     for n, p in self.cfg.classifiers.items()]
+            return {"object": "list", "data": data}
+
+        @api.post("/v1/qa", response_model=QAResponse, response_model_exclude_unset=True)
+        async def qa(self, body: QARequest, request: Request) -> dict[str, Any]:
+            lm = self._need_lm()
+            self._check_length(question=body.question, context=body.context)
+            if body.options is not None and len(body.options) < 2:
+                raise HTTPError(422, "options needs at least two entries")
+            adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
+            out = await self._call(lm.options(multiplexed_model_id=adapter or "").qa, body.model_dump())
+            return {**out, "adapter": adapter}
+
+        @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_unset=True)
+        async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
+            if self.classifier is None and self.local is None:
+                raise HTTPError(404, "this server has no classifiers (set classifiers in its config)", "not_deployed")
+            if body.text is None:
+                raise HTTPError(422, "text is required (text_pair is the optional second segment)")
+            self._check_length(text=body.text, text_pair=body.text_pair)
+            name = self._adapter(request, body.adapter, self.cfg.classifiers, "classifier")
+            if name is None:
+                if len(self.cfg.classifiers) != 1:
+                    raise HTTPError(422, f"name a classifier in adapter; available: {sorted(self.cfg.classifiers)}")
+                name = next(iter(self.cfg.classifiers))
+            if self.local is not None:
+                out = await self._classify_local(name, body.text, body.text_pair)
+                if "error" in out:
+                    raise HTTPError(out["status"], out["error"], out["type"])
+            else:
+                out = await self._call(self.classifier.options(multiplexed_model_id=name).classify, body.text,
+                                       body.text_pair)
+            return {**out, "adapter": name}
+
+        @api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True)
+        async def generate(self, body: GenerateRequest, request: Request) -> dict[str, Any]:
+            lm = self._need_lm()
+            self._check_length(prompt=body.prompt)
+            self._max_new(body.max_new_tokens)
+            if body.image is not None:
+                _check_image(body.image, self.cfg.max_input_chars * 10)
+                raise HTTPError(422, "the served model is text-only; images need a multimodal model", "unsupported")
+            adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
+            out = await self._call(lm.options(multiplexed_model_id=adapter or "").generate, body.prompt,
+                                   body.max_new_tokens, body.temperature, body.seed)
+            return {"text": out["text"], "adapter": adapter}
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, body: ChatRequest, request: Request) -> dict[str, Any]:
+            lm = self._need_lm()
+            if body.stream:
+                raise HTTPError(422, "stream=true is not supported; send stream=false", "unsupported")
+            for m in body.messages:
+                self._check_length(content=m.content)
+            adapter = None
+            if body.model and body.model != self.cfg.base_name:
+                adapter = self._adapter(request, body.model, self.cfg.adapters, "model")
+            adapter = adapter or self._adapter(request, None, self.cfg.adapters, "adapter")
+            max_new = body.max_completion_tokens or body.max_tokens or 64
+            self._max_new(max_new)
+            prompt = await lm.chat_prompt.remote([m.model_dump() for m in body.messages])
+            out = await self._call(lm.options(multiplexed_model_id=adapter or "").generate, prompt, max_new,
+                                   body.temperature, body.seed or 0)
+            finish = "length" if out["completion_tokens"] >= max_new else "stop"
+            return {
+                "id": f"chatcmpl-{time.time_ns():x}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": adapter or self.cfg.base_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                          "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
+            }
+
+    local = bool(cfg.classifiers and cfg.classify_in_gateway)
+    return Gateway.options(**_options(cfg.gateway, cfg, hosts=cfg.classifier if local else None))
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -413,5 +470,6 @@ def build_app(args: dict[str, Any]) -> Any:
     cfg.check()
     plain = to_dict(cfg)
     lm = _lm_deployment(cfg).bind(plain) if cfg.model else None
-    classifier = _classifier_deployment(cfg).bind(plain) if cfg.classifiers else None
-    return Gateway.options(**_options(cfg.gateway)).bind(plain, lm, classifier)
+    remote = cfg.classifiers and not cfg.classify_in_gateway
+    classifier = _classifier_deployment(cfg).bind(plain) if remote else None
+    return _gateway_deployment(cfg).bind(plain, lm, classifier)

@@ -43,6 +43,13 @@ def check_classifier_dir(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{meta_path} is not valid JSON ({exc.msg})") from None
 
 
+def device_and_dtype() -> tuple[str, torch.dtype | None]:
+    """Serve on the GPU in bfloat16 when the replica has one, else on CPU in the folder's dtype."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", None
+
+
 def set_threads(n: int) -> None:
     """Use ``n`` intra-op threads (0 leaves torch's default)."""
     if n > 0:
@@ -58,7 +65,8 @@ class LMEngine:
 
         self.model_path = model_path
         self.adapters = dict(adapters)
-        self.model = load_causal_lm(model_path).eval()
+        device, dtype = device_and_dtype()
+        self.model = load_causal_lm(model_path, dtype=dtype).to(device).eval()
         self.tokenizer = load_tokenizer(model_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -73,6 +81,13 @@ class LMEngine:
 
     def unload_adapter(self, name: str) -> None:
         self.host.unload(name)
+
+    def _use(self, adapter: str | None) -> Any:
+        # Load on use too: a request already queued on the compute thread can find its
+        # adapter just evicted by the LRU; it reloads rather than fails.
+        if adapter:
+            self.load_adapter(adapter)
+        return self.host.use(adapter)
 
     def qa_config(self, **request: Any) -> QAConfig:
         """The server's QA settings with a request's mode, n, temperature and seed applied."""
@@ -89,12 +104,12 @@ class LMEngine:
                   adapter: str | None) -> list[QAResult]:
         from ray_med.evaluation.qa import top_token
 
-        with self.host.use(adapter) as model:
+        with self._use(adapter) as model:
             return top_token(model, self.tokenizer, prompts, choices)
 
     def chain_of_thought(self, prompt: list[int], choices: Sequence[str], cfg: QAConfig,
                          adapter: str | None) -> QAResult:
-        with self.host.use(adapter) as model:
+        with self._use(adapter) as model:
             return chain_of_thought(model, self.tokenizer, prompt, choices, cfg)
 
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
@@ -112,7 +127,7 @@ class LMEngine:
                  adapter: str | None) -> str:
         from ray_med.evaluation.qa import generate
 
-        with self.host.use(adapter) as model:
+        with self._use(adapter) as model:
             return generate(model, self.tokenizer, prompt, temperature=temperature,
                             max_new_tokens=max_new_tokens, seed=seed)[0]
 
@@ -168,16 +183,20 @@ class ClassifierEngine:
         folders = self._folders(name)
         if folders is None:  # its own copy of the body
             model, _ = load_classifier(path)
+            model = model.to(device_and_dtype()[0])
             tok = load_tokenizer(str(Path(path) / "model") if meta.get("setting") == "full" else meta["base_model"])
             self._loaded[name] = _Loaded(model, None, tok, meta)
             return
         base_path = meta["base_model"]
         if base_path not in self._bases:
-            self._bases[base_path] = (AdapterHost(load_base_model(base_path).eval()), load_tokenizer(base_path))
+            device, dtype = device_and_dtype()
+            base = load_base_model(base_path, dtype=dtype).to(device).eval()
+            self._bases[base_path] = (AdapterHost(base), load_tokenizer(base_path))
         host, tok = self._bases[base_path]
         host.load(name, folders)
         model = SequenceClassifier(host.model, host.model.config.hidden_size, meta["num_labels"], meta["pooling"])
         model.head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
+        model.head.to(next(host.model.parameters()).device)
         self._loaded[name] = _Loaded(model.eval(), host, tok, meta)
 
     def unload(self, name: str) -> None:

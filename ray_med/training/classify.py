@@ -67,12 +67,14 @@ def encode_texts(
 def predict(model: torch.nn.Module, inputs: dict[str, torch.Tensor], task_type: str, batch_size: int = 64) -> np.ndarray:
     """Class probabilities (softmax), or per-label probabilities (sigmoid) for multi-label."""
     model.eval()
+    device = next(model.parameters()).device
     logits = []
     with torch.inference_mode():
         for i in range(0, len(inputs["input_ids"]), batch_size):
             mask = inputs["attention_mask"][i : i + batch_size]
             width = int(mask.sum(1).max())
-            logits.append(model(inputs["input_ids"][i : i + batch_size][:, :width], mask[:, :width]).float().numpy())
+            ids = inputs["input_ids"][i : i + batch_size][:, :width].to(device)
+            logits.append(model(ids, mask[:, :width].to(device)).float().cpu().numpy())
     out = np.concatenate(logits)
     return sigmoid(out) if task_type == "multilabel" else softmax(out)
 

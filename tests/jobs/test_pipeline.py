@@ -85,3 +85,19 @@ def test_pipeline_builds_corpus_tokenizer_and_report(ray_session, shared_data, t
     assert metrics["task"] == "pubmedqa_rf" and metrics["n"] == 50
     assert (down_dir / "adapter" / "domain" / "adapter_config.json").is_file()  # trained stage-1 adapter
     assert "pubmedqa_rf dev metrics (50 examples" in out and "| auroc_macro |" in out
+
+    # The serve stage deployed this run's model, domain adapter and classifier and got an
+    # answer from every endpoint; it wrote the filled-in Serve config for `serve run`.
+    assert "== stage: serve ==" in out
+    served = out.split("== stage: serve ==")[1]
+    for endpoint in ("/healthz", "/v1/models", "/v1/qa", "/v1/classify", "/v1/generate", "/v1/chat/completions"):
+        assert endpoint in served
+    assert "HTTP " not in served  # every request got a 200
+    for mode in ("top_token:", "cot:", "sc_cot:"):
+        assert mode in served
+    assert "pubmedqa_rf: " in served and "mtsamples (lora)" in served
+    serve_yaml = tmp_path / "serve_tiny.yaml"
+    from ray_med.serving.deploy import read_serve_config
+
+    args = read_serve_config(serve_yaml)["applications"][0]["args"]
+    assert args["model"] == str(pre_dir / "model") and args["classifiers"]["pubmedqa_rf"] == str(down_dir / "adapter")

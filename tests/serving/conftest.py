@@ -24,6 +24,7 @@ def qa_texts() -> list[str]:
     items += [item_from_record(r) for r in read_records("medmcqa", str(FIXTURES / "medmcqa.jsonl")).records]
     texts = [build_prompt(it, items[:2], "top_token") + f" {it.answer}" for it in items] + cot_texts()
     texts += [f"Question: is it? Options: yes, no, maybe\nAnswer: {a} the answer is {a}" for a in ("yes", "no", "maybe")]
+    texts += [f"Answer: {c} the answer is {c}" for c in "ABCDE"]
     return texts * 20
 
 

@@ -40,8 +40,9 @@ def app_args(serve_models):
         "qa": {"max_new_tokens": 24, "n": 3},
         "max_input_chars": 2000,
         "max_new_tokens": 64,
-        # Small queues so the backpressure test can overflow them with a few requests.
-        "lm": {"max_ongoing_requests": 4, "max_queued_requests": 4, "max_batch_size": 4, "max_adapters": 2},
+        # Small queues so the backpressure test can overflow them with a few requests, and
+        # room for one adapter, so switching between the two evicts and reloads.
+        "lm": {"max_ongoing_requests": 4, "max_queued_requests": 4, "max_batch_size": 2, "max_adapters": 1},
         "classifier": {"max_batch_size": 8, "max_ongoing_requests": 16},
     }
 
@@ -55,8 +56,18 @@ def url(ray_session, app_args):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="ray_med", route_prefix="/")
+    # The same classifiers in their own deployment (classify_in_gateway=false), at /split.
+    split = {"classifiers": app_args["classifiers"], "classify_in_gateway": False,
+             "classifier": {"max_batch_size": 8, "max_ongoing_requests": 16}}
+    serve.run(build_app(split), name="split", route_prefix="/split")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+@pytest.fixture(params=["in_gateway", "split"])
+def classify_url(request, url):
+    """Both ways classifiers are deployed: inside the gateway, and as their own deployment."""
+    return url if request.param == "in_gateway" else url + "/split"
 
 
 def post(url: str, path: str, body, **kw) -> requests.Response:
@@ -110,7 +121,8 @@ def test_qa_reasoning_modes(url, mode):
     assert again == body  # seeded sampling is reproducible
 
 
-def test_classify_switches_adapters(url):
+def test_classify_switches_adapters(classify_url):
+    url = classify_url
     text = "Crushing chest pain radiating to the left arm for two hours."
     a = post(url, "/v1/classify", {"text": text, "adapter": "triage"}).json()
     b = post(url, "/v1/classify", {"text": text, "adapter": "urgency"}).json()
@@ -121,7 +133,7 @@ def test_classify_switches_adapters(url):
     assert pair["adapter"] == "urgency" and pair["probabilities"] != b["probabilities"]
 
 
-def test_classify_matches_in_process(url, serve_models):
+def test_classify_matches_in_process(classify_url, serve_models):
     """The endpoint gives the probabilities the evaluate job's code computes."""
     from ray_med.serving.engines import ClassifierEngine
 
@@ -129,7 +141,8 @@ def test_classify_matches_in_process(url, serve_models):
     engine = ClassifierEngine({"triage": str(serve_models["triage"])})
     expected = engine.classify("triage", texts)
     with ThreadPoolExecutor(2) as pool:
-        got = list(pool.map(lambda t: post(url, "/v1/classify", {"text": t, "adapter": "triage"}).json(), texts))
+        got = list(pool.map(lambda t: post(classify_url, "/v1/classify", {"text": t, "adapter": "triage"}).json(),
+                            texts))
     for e, g in zip(expected, got, strict=True):
         assert e["label"] == g["label"]
         assert all(abs(e["probabilities"][k] - g["probabilities"][k]) < 1e-4 for k in e["probabilities"])
@@ -168,6 +181,8 @@ def test_generate_accepts_an_image_field_but_the_model_is_text_only(url):
     ("/v1/qa", {"question": "x" * 2001}, 413, "limit is 2000"),
     ("/v1/qa", {"question": "x " * 900, "context": "y"}, 413, "tokens"),
     ("/v1/classify", {"text": "x", "adapter": "nope"}, 404, "nope"),
+    ("/split/v1/classify", {"text": "x", "adapter": "nope"}, 404, "nope"),
+    ("/split/v1/qa", {"question": "x"}, 404, "no language model"),
     ("/v1/classify", {"text": "x"}, 422, "name a classifier"),
     ("/v1/classify", {"text_pair": "x", "adapter": "triage"}, 422, "text is required"),
     ("/v1/generate", {"prompt": "x", "image": "***not base64***"}, 400, "base64"),

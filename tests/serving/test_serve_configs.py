@@ -1,0 +1,46 @@
+"""Every Serve config in cluster/serve passes Serve's own schema and ray_med's strict args."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ray_med.config import from_dict
+from ray_med.errors import ConfigError
+from ray_med.serving.config import ServeAppConfig
+from ray_med.serving.deploy import read_serve_config, with_args, write_serve_config
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "cluster" / "serve").glob("*.yaml"))
+
+
+def test_there_are_serve_configs():
+    assert {p.name for p in CONFIGS} >= {"tiny.yaml", "meditron_7b.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_serve_config_is_valid(path):
+    config = read_serve_config(path)
+    (app,) = config["applications"]
+    assert app["import_path"] == "ray_med.serving.app:build_app"
+    cfg = from_dict(ServeAppConfig, app["args"], where=str(path))
+    assert cfg.model and cfg.classifiers  # paths are checked when deployed, not here
+    for part in (cfg.gateway, cfg.lm, cfg.classifier):
+        assert part.max_ongoing_requests >= part.max_batch_size * part.max_concurrent_batches
+
+
+def test_invalid_serve_config_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - name: x\n    import_path: 42\n    route_prefix: nope\n")
+    with pytest.raises(ConfigError, match="not a valid Serve config"):
+        read_serve_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_serve_config(tmp_path / "missing.yaml")
+
+
+def test_filled_in_config_round_trips(tmp_path):
+    config = with_args(read_serve_config(REPO / "cluster/serve/tiny.yaml"), model="/models/x")
+    out = write_serve_config(config, tmp_path / "serve.yaml")
+    assert read_serve_config(out)["applications"][0]["args"]["model"] == "/models/x"
+    assert read_serve_config(REPO / "cluster/serve/tiny.yaml")["applications"][0]["args"]["model"] != "/models/x"
