@@ -185,7 +185,9 @@ def ablation() -> int:
 
     rows = []
     for label, overrides in ABLATION.items():
-        proc = subprocess.run([sys.executable, __file__, *overrides], capture_output=True, text=True)
+        # The variants must not overwrite serve_load.json, which holds the tuned run.
+        env = {**os.environ, "SERVE_LOAD_OUT": os.devnull}
+        proc = subprocess.run([sys.executable, __file__, *overrides], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
@@ -262,7 +264,7 @@ def main(argv: list[str]) -> int:
         "saturation_cpu_ms_per_request": dict(sorted(cpu_ms.items(), key=lambda kv: -kv[1])),
         "requests": {"saturation": N_REQUESTS, "clients": CLIENTS, "sequential": N_SEQUENTIAL},
     }
-    out = REPO / "bench" / "results" / "serve_load.json"
+    out = Path(os.environ.get("SERVE_LOAD_OUT", REPO / "bench" / "results" / "serve_load.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
