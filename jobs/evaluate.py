@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     qa.add_argument("--format", required=True, help="medqa, medmcqa or pubmedqa")
     qa.add_argument("--mode", default="top_token", help="top_token, cot or sc_cot")
     qa.add_argument("--shots", type=int, default=0, help="few-shot exemplars per question")
-    qa.add_argument("--shots-file", default=None, help="exemplar pool (default: the data file, never the item)")
+    qa.add_argument("--shots-file", default=None, help="exemplar pool, e.g. a training split (needed with --shots)")
     qa.add_argument("--seed", type=int, default=0)
     qa.add_argument("--n", type=int, default=5, help="samples per question for sc_cot")
     qa.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for sc_cot")

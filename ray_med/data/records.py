@@ -143,5 +143,7 @@ def decode_image(data: bytes, *, what: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return np.asarray(img)
+    except Image.DecompressionBombError as exc:  # a small file that decodes to gigabytes
+        raise DataError(f"{what} is too large to decode ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{what} is not a readable image ({exc})") from None

@@ -129,7 +129,9 @@ def select_shots(pool: Sequence[QAItem], k: int, seed: int, item: QAItem) -> lis
         return []
     same_kind = [s for s in pool if s.answer and bool(s.options) == bool(item.options)
                  and s.id != item.id and s.question != item.question]
-    rng = random.Random(f"{seed}:{item.id}:{item.question}")
+    # Seeded by the question and options, not the id: the server's items have no id, and
+    # the same question must get the same exemplars offline and online.
+    rng = random.Random(f"{seed}:{item.question}:{sorted((item.options or {}).items())}")
     return rng.sample(same_kind, min(k, len(same_kind)))
 
 
@@ -196,6 +198,9 @@ def fit_prompt(tokenizer: Any, item: QAItem, shots: Sequence[QAItem], mode: str,
             if len(ids) <= max_tokens:
                 return ids
             keep -= max(1, len(ids) - max_tokens)
+        ids = _ids(tokenizer, build_prompt(item, [], mode, context=""))
+        if len(ids) <= max_tokens:
+            return ids
     raise PromptTooLong(
         f"the question{' and options' if item.options else ''} alone take more than {max_tokens} tokens, "
         "the model's prompt limit"
@@ -218,13 +223,21 @@ def prompt_limit(model: Any, cfg: QAConfig) -> int:
 
 
 def choice_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
-    """The first token of " <choice>" for each choice; they must all differ."""
+    """For each choice, the token the model would write right after "Answer:"; they must all differ.
+
+    Found by tokenizing "Answer: <choice>" and taking the first token past "Answer:", so
+    SentencePiece tokenizers (Llama's "▁A") and byte-level BPE ("ĠA") both give the
+    token that really follows the prompt. A choice that takes several tokens is scored
+    by its first.
+    """
+    cue = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
     ids = []
     for choice in choices:
-        toks = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
-        if not toks:
+        full = tokenizer(f"Answer: {choice}", add_special_tokens=False)["input_ids"]
+        k = next((i for i, (a, b) in enumerate(zip(cue, full, strict=False)) if a != b), len(cue))
+        if k >= len(full):
             raise DataError(f"option {choice!r} tokenizes to nothing")
-        ids.append(toks[0])
+        ids.append(full[k])
     if len(set(ids)) != len(ids):
         raise DataError(f"options {list(choices)} do not start with distinct tokens, so top_token cannot tell them apart")
     return ids
@@ -293,9 +306,11 @@ def extract_answer(text: str, choices: Sequence[str]) -> str | None:
     text = _STOP.split(text, maxsplit=1)[0]
     alt = "|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True))
     if all(len(c) == 1 for c in choices):
-        target = rf"\(?({alt})\)?(?![A-Za-z])"  # a letter stands alone: "(B)", "B.", "B"
+        # A capital letter standing alone: "(B)", "B.", "**B**", "option B". Lower case is
+        # left out on purpose: "the answer is a ..." is English, not option A.
+        target = rf"(?:(?i:option|choice)\s+)?[*\"'(]*({alt})(?![A-Za-z])"
     else:
-        target = rf"(?i:({alt}))\b"  # words in any case
+        target = rf"[*\"'(]*(?i:({alt}))\b"  # words in any case, maybe quoted
     for cue in (r"(?i:answer is)\s*:?\s*", r"(?i:answer)\s*:\s*"):
         found = re.findall(cue + target, text)
         if found:
@@ -314,8 +329,8 @@ def _canonical(found: str, choices: Sequence[str]) -> str | None:
 def vote(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int], int]:
     """Majority over the valid answers: (answer or None, votes per answer, invalid count).
 
-    Ties go to the answer that reached the top count first, so the result depends only
-    on the samples, in order. No valid answer means abstaining (None).
+    Ties go to the tied answer that was sampled first, so the result depends only on the
+    samples, in order. No valid answer means abstaining (None).
     """
     valid = [a for a in answers if a is not None]
     votes = dict(Counter(valid))
@@ -328,6 +343,8 @@ def vote(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int], int
 
 def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Sequence[str], cfg: QAConfig) -> QAResult:
     """cot (one greedy rationale) or sc_cot (``cfg.n`` sampled rationales and a vote)."""
+    if cfg.mode == "sc_cot" and cfg.temperature <= 0:
+        raise DataError("sc_cot samples its rationales: temperature must be > 0 (use cot for greedy)")
     if cfg.mode == "cot":
         texts = generate(model, tokenizer, prompt, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     else:
@@ -348,10 +365,10 @@ def answer_items(
     model: Any, tokenizer: Any, items: Sequence[QAItem], cfg: QAConfig, *,
     pool: Sequence[QAItem] = (), batch_size: int = 8,
 ) -> list[QAResult]:
-    """Answer every item as ``cfg`` says; exemplars come from ``pool`` (the items themselves if empty)."""
-    pool = list(pool) or list(items)
+    """Answer every item as ``cfg`` says; exemplars (``cfg.shots``) come from ``pool``."""
     limit = prompt_limit(model, cfg)
-    prompts = [fit_prompt(tokenizer, it, select_shots(pool, cfg.shots, cfg.seed, it), cfg.mode, limit) for it in items]
+    prompts = [fit_prompt(tokenizer, it, select_shots(list(pool), cfg.shots, cfg.seed, it), cfg.mode, limit)
+               for it in items]
     if cfg.mode == "top_token":
         out: list[QAResult] = []
         for i in range(0, len(items), batch_size):

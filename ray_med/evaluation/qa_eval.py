@@ -30,7 +30,10 @@ def qa_task(
         items = items[:limit]
     if not items:
         raise DataError(f"{data}: no questions")
-    pool = [item_from_record(r) for r in read_records(fmt, shots_file).records] if shots_file else items
+    if cfg.shots > 0 and not shots_file:
+        # Exemplars from the evaluated file would put its gold answers into the prompts.
+        raise DataError("--shots needs --shots-file (exemplars from a training split, not the evaluated file)")
+    pool = [item_from_record(r) for r in read_records(fmt, shots_file).records] if shots_file else []
     engine = LMEngine(model, {"adapter": adapter} if adapter else {}, qa=cfg)
     name = None
     if adapter:

@@ -24,6 +24,7 @@ can never race with a forward.
 import asyncio
 import base64
 import binascii
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_med.config import from_dict, to_dict
 from ray_med.errors import ConfigError, DataError, ModelError, RayMedError
@@ -50,6 +52,7 @@ from ray_med.serving.schemas import (
 )
 
 HEADER = "serve_multiplexed_model_id"
+log = logging.getLogger("ray_med.serving")
 
 
 class HTTPError(Exception):
@@ -176,8 +179,11 @@ def _lm_deployment(cfg: ServeAppConfig) -> Any:
             return {"text": text, "prompt_tokens": len(ids),
                     "completion_tokens": len(self.engine.tokenizer(text, add_special_tokens=False)["input_ids"])}
 
-        async def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-            return self.engine.chat_prompt(messages)
+        async def chat_prompt(self, messages: list[dict[str, str]]) -> Any:
+            try:
+                return self.engine.chat_prompt(messages)
+            except RayMedError as exc:
+                return self._error(exc)
 
     return LMServer.options(**_options(part, cfg))
 
@@ -260,9 +266,17 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # A bug, not bad input: still JSON with a message, and the replica stays up.
-    return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}", "type": "internal"},
+    # A bug, not bad input: still JSON, and the replica stays up. The details (which may
+    # hold paths and remote tracebacks) go to the replica's log, not to the client.
+    log.exception("internal error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server log", "type": "internal"},
                         status_code=500)
+
+
+async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # FastAPI's own 404/405 ("detail") in the API's error shape.
+    return JSONResponse({"error": str(exc.detail), "type": "not_found" if exc.status_code == 404 else "invalid_request"},
+                        status_code=exc.status_code)
 
 
 async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
@@ -282,7 +296,8 @@ def _check_image(data: str, limit: int) -> None:
     try:
         decode_image(raw, what="image")
     except DataError as exc:
-        raise HTTPError(415, str(exc), "not_an_image") from None
+        too_big = "too large" in str(exc)  # a decompression bomb, not a non-image
+        raise HTTPError(413 if too_big else 415, str(exc), "input_too_long" if too_big else "not_an_image") from None
 
 
 def _gateway_deployment(cfg: ServeAppConfig) -> Any:
@@ -291,6 +306,7 @@ def _gateway_deployment(cfg: ServeAppConfig) -> Any:
     api.add_exception_handler(RequestValidationError, _invalid)
     api.add_exception_handler(HTTPError, _http_error)
     api.add_exception_handler(Exception, _unexpected)
+    api.add_exception_handler(StarletteHTTPException, _starlette_error)
     part = cfg.classifier
 
     @serve.deployment(name="Gateway")
@@ -387,9 +403,8 @@ def _gateway_deployment(cfg: ServeAppConfig) -> Any:
         @api.post("/v1/qa", response_model=QAResponse, response_model_exclude_unset=True)
         async def qa(self, body: QARequest, request: Request) -> dict[str, Any]:
             lm = self._need_lm()
-            self._check_length(question=body.question, context=body.context)
-            if body.options is not None and len(body.options) < 2:
-                raise HTTPError(422, "options needs at least two entries")
+            self._check_length(question=body.question, context=body.context,
+                               options="".join((body.options or {}).values()))
             adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
             out = await self._call(lm.options(multiplexed_model_id=adapter or "").qa, body.model_dump())
             return {**out, "adapter": adapter}
@@ -441,7 +456,7 @@ def _gateway_deployment(cfg: ServeAppConfig) -> Any:
             adapter = adapter or self._adapter(request, None, self.cfg.adapters, "adapter")
             max_new = body.max_completion_tokens or body.max_tokens or 64
             self._max_new(max_new)
-            prompt = await lm.chat_prompt.remote([m.model_dump() for m in body.messages])
+            prompt = await self._call(lm.chat_prompt, [m.model_dump() for m in body.messages])
             out = await self._call(lm.options(multiplexed_model_id=adapter or "").generate, prompt, max_new,
                                    body.temperature, body.seed or 0)
             finish = "length" if out["completion_tokens"] >= max_new else "stop"

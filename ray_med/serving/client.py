@@ -18,7 +18,11 @@ def call(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: fl
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw or b"{}")
+        except json.JSONDecodeError:  # Serve's proxy answers 503/408 in plain text
+            return exc.code, {"error": raw.decode(errors="replace").strip()}
 
 
 def demo_requests(url: str, *, question: str, context: str | None, classify_text: str,

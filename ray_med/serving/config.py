@@ -96,7 +96,8 @@ class ServeAppConfig:
     log_level: str = "INFO"
     """Log level of the deployments."""
     gateway: DeploymentConfig = field(default_factory=_gateway)
-    """The HTTP ingress (FastAPI)."""
+    """The HTTP ingress (FastAPI): replicas, capacity, CPUs, env. Its batch, thread and
+    adapter settings are unused: in-gateway classifiers take the classifier section's."""
     lm: DeploymentConfig = field(default_factory=_lm)
     """The causal LM deployment."""
     classifier: DeploymentConfig = field(default_factory=DeploymentConfig)
@@ -127,13 +128,23 @@ class ServeAppConfig:
                 _check_name(name)
         except ModelError as exc:
             raise ConfigError(str(exc)) from None
-        if self.qa.shots > 0 and not self.shots_file:
-            raise ConfigError("qa.shots > 0 needs shots_file (and shots_format)")
-        for part in (self.gateway, self.lm, self.classifier):
-            if part.max_ongoing_requests < part.max_batch_size * part.max_concurrent_batches:
-                raise ConfigError(f"max_ongoing_requests ({part.max_ongoing_requests}) < max_batch_size "
-                                  f"({part.max_batch_size}) x max_concurrent_batches ({part.max_concurrent_batches}):"
-                                  " batches could never fill")
+        if self.qa.shots > 0:
+            from ray_med.evaluation.qa import FORMATS
+
+            if not self.shots_file or not Path(self.shots_file).is_file():
+                raise ConfigError(f"qa.shots > 0 needs shots_file, an existing file (got {self.shots_file!r})")
+            if self.shots_format not in FORMATS:
+                raise ConfigError(f"shots_format must be one of {', '.join(FORMATS)}, got {self.shots_format!r}")
+        # In-gateway classifiers are batched in the gateway replicas with the classifier
+        # section's batch settings, so the gateway's capacity must hold those batches.
+        checks = [("lm", self.lm, self.lm), ("classifier", self.classifier, self.classifier)]
+        if self.classify_in_gateway:
+            checks.append(("gateway", self.gateway, self.classifier))
+        for name, capacity, batching in checks:
+            need = batching.max_batch_size * batching.max_concurrent_batches
+            if capacity.max_ongoing_requests < need:
+                raise ConfigError(f"{name}.max_ongoing_requests ({capacity.max_ongoing_requests}) < max_batch_size "
+                                  f"x max_concurrent_batches ({need}): batches could never fill")
 
     @property
     def base_name(self) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from ray_med.adapters.host import AdapterHost, adapter_type
 from ray_med.adapters.stacking import HEAD_CONFIG, HEAD_FILE, SequenceClassifier, check_adapter_dir
-from ray_med.errors import ModelError
+from ray_med.errors import DataError, ModelError
 from ray_med.evaluation.qa import (
     QAConfig,
     QAItem,
@@ -83,8 +83,9 @@ class LMEngine:
         self.host.unload(name)
 
     def _use(self, adapter: str | None) -> Any:
-        # Load on use too: a request already queued on the compute thread can find its
-        # adapter just evicted by the LRU; it reloads rather than fails.
+        # In process, callers need not load first. Under Serve the multiplexed LRU has
+        # already loaded it: a forward is queued on the compute thread before any unload
+        # that evicts its adapter, so this is a no-op there.
         if adapter:
             self.load_adapter(adapter)
         return self.host.use(adapter)
@@ -95,9 +96,13 @@ class LMEngine:
 
     def qa_prompts(self, items: Sequence[QAItem], cfg: QAConfig) -> list[list[int]]:
         """Prompt ids (with the server's exemplars), checked against the model's context."""
+        from ray_med.evaluation.qa import choice_token_ids
+
+        if cfg.mode == "top_token":  # fail this request now, not the whole batch it would join
+            for it in items:
+                choice_token_ids(self.tokenizer, it.choices)
         limit = prompt_limit(self.model, cfg)
-        pool = self.shots
-        return [fit_prompt(self.tokenizer, it, select_shots(pool, cfg.shots, cfg.seed, it), cfg.mode, limit)
+        return [fit_prompt(self.tokenizer, it, select_shots(self.shots, cfg.shots, cfg.seed, it), cfg.mode, limit)
                 for it in items]
 
     def top_token(self, prompts: Sequence[list[int]], choices: Sequence[Sequence[str]],
@@ -134,7 +139,10 @@ class LMEngine:
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The tokenizer's chat template when it has one, else plain "role: content" turns."""
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            try:
+                return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates raise on e.g. roles out of order  # noqa: BLE001
+                raise DataError(f"the model's chat template refused these messages: {exc}") from None
         turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n".join(turns) + "\nAssistant:"
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_CHARS = 100_000  # hard ceiling; the app's max_input_chars is the working limit
+
+
+def _seed() -> object:
+    return Field(default=None, ge=0, lt=2**63)  # torch.manual_seed's range
 
 
 class _Strict(BaseModel):
@@ -23,11 +27,24 @@ class QARequest(_Strict):
     question: str = Field(min_length=1, max_length=MAX_CHARS)
     context: str | None = Field(default=None, max_length=MAX_CHARS)
     options: dict[str, str] | None = Field(default=None, description="answer options by letter; none means yes/no/maybe")
-    mode: Literal["top_token", "cot", "sc_cot"] = "top_token"
+    mode: Literal["top_token", "cot", "sc_cot"] | None = Field(default=None, description="default: the server's qa.mode")
     n: int | None = Field(default=None, ge=1, le=32, description="samples for sc_cot")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = _seed()
     adapter: str | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        if not 2 <= len(v) <= 26:
+            raise ValueError("needs between 2 and 26 options")
+        if any(not k.strip() or len(k) > 16 for k in v):
+            raise ValueError("option keys must be 1-16 characters (e.g. letters)")
+        if any(len(t) > MAX_CHARS for t in v.values()):
+            raise ValueError(f"an option is longer than {MAX_CHARS} characters")
+        return v
 
 
 class QAResponse(BaseModel):
@@ -58,7 +75,7 @@ class GenerateRequest(_Strict):
     prompt: str = Field(min_length=1, max_length=MAX_CHARS)
     max_new_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)
     image: str | None = Field(default=None, description="base64 PNG/JPEG, for multimodal models")
     adapter: str | None = None
 
@@ -76,15 +93,10 @@ class ChatMessage(_Strict):
 class ChatRequest(BaseModel):
     # OpenAI clients send fields this subset ignores (stream=false, top_p=1, ...): allow them.
     model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = _seed()
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
-
-
-class ErrorBody(BaseModel):
-    error: str
-    type: str

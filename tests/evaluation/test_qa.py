@@ -90,11 +90,14 @@ def test_fit_prompt_drops_shots_then_trims_context(tiny_tokenizer):
     ("Answer: B\nQuestion: next one... the answer is A", "AB", "B"),  # stops at the next question
     ("It could be A, but the answer is: B", "AB", "B"),
     ("B", "AB", "B"),
+    ("so the answer is option B.", "AB", "B"),
+    ("Answer: **A**", "AB", "A"),
     ("The answer is E.", "AB", None),  # not an option
     ("the answer is a mystery", "AB", None),  # a lower-case word is not the letter A
     ("no idea", "AB", None),
     ("So the answer is Yes.", ["yes", "no", "maybe"], "yes"),
     ("maybe", ["yes", "no", "maybe"], "maybe"),
+    ('The answer is "No".', ["yes", "no", "maybe"], "no"),
     ("the answer is nothing", ["yes", "no", "maybe"], None),
 ])
 def test_extract_answer(text, choices, expected):
@@ -104,7 +107,8 @@ def test_extract_answer(text, choices, expected):
 def test_vote_counts_valid_answers_only_and_abstains():
     # Meditron's code lets failed extractions vote: two Nones would beat one B here.
     assert vote([None, "B", None]) == ("B", {"B": 1}, 2)
-    assert vote(["A", "B", "B", "A", "C"]) == ("A", {"A": 2, "B": 2, "C": 1}, 0)  # tie: first to the top count
+    assert vote(["A", "B", "B", "A", "C"]) == ("A", {"A": 2, "B": 2, "C": 1}, 0)  # tie: the one sampled first
+    assert vote(["B", "A", "A", "B"]) == ("B", {"B": 2, "A": 2}, 0)
     assert vote([None, None]) == (None, {}, 2)
     assert vote([]) == (None, {}, 0)
 
@@ -150,3 +154,20 @@ def test_qa_metrics_by_hand():
     m = qa_metrics(items, results)
     assert m["accuracy"] == 0.5 and m["accuracy_valid"] == pytest.approx(2 / 3)
     assert m["abstentions"] == 1 and m["answered"] == 3 and m["invalid_samples"] == 5 and m["n"] == 4
+
+
+def test_choice_tokens_follow_the_cue_with_a_sentencepiece_tokenizer():
+    """Llama-style Metaspace tokenizers write " A" as "▁A": the scored token is that one."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    sp = SentencePieceBPETokenizer()
+    texts = [build_prompt(MCQ, [], "top_token") + f" {c}" for c in "ABCDE"] * 20
+    texts += [f"Answer: {w} the answer is {w}" for w in ("yes", "no", "maybe")] * 20
+    sp.train_from_iterator(texts, vocab_size=300, min_frequency=2, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp)
+    ids = choice_token_ids(tok, list("ABCDE"))
+    assert len(set(ids)) == 5
+    assert [tok.convert_ids_to_tokens(i) for i in ids] == [f"▁{c}" for c in "ABCDE"]
+    yn = choice_token_ids(tok, ["yes", "no", "maybe"])
+    assert tok.convert_ids_to_tokens(yn[1]) == "▁no"

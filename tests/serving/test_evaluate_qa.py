@@ -34,7 +34,8 @@ def test_qa_cot_on_medqa(serve_models, tmp_path, capsys):
 def test_qa_on_real_pubmedqa_top_token(serve_models, shared_data, tmp_path, capsys):
     code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data",
                         str(shared_data / "pubmedqa/pqal_trainval.json"), "--format", "pubmedqa", "--limit", "20",
-                        "--shots", "2", "--predictions", str(tmp_path / "p.jsonl")])
+                        "--shots", "2", "--shots-file", str(shared_data / "pubmedqa/pqal_trainval.json"),
+                        "--predictions", str(tmp_path / "p.jsonl")])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["n"] == 20 and metrics["abstentions"] == 0 and 0 <= metrics["accuracy"] <= 1
@@ -48,6 +49,8 @@ def test_qa_on_real_pubmedqa_top_token(serve_models, shared_data, tmp_path, caps
     (["--format", "medqa", "--data", "/nonexistent/medqa.jsonl"], "/nonexistent/medqa.jsonl"),
     (["--format", "medqa", "--adapter", "/nonexistent/adapter"], "not a PEFT adapter folder"),
     (["--format", "medmcqa"], "line 1"),  # MedQA lines are not MedMCQA records
+    (["--format", "medqa", "--shots", "2"], "--shots needs --shots-file"),
+    (["--format", "medqa", "--mode", "sc_cot", "--temperature", "0"], "temperature must be > 0"),
 ])
 def test_qa_errors_are_clear(serve_models, args, message, capsys):
     base = ["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl")]
