@@ -40,6 +40,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 N_REQUESTS, CLIENTS, BATCH, N_SEQUENTIAL = 512, 32, 32, 200
 NAME = "pubmedqa_rf"
+NAIVE = [
+    "classifier.batch_wait_timeout_s=0.01", "classifier.max_concurrent_batches=1", "classify_in_gateway=false",
+    "gateway.user_code_thread=true", "classifier.user_code_thread=true", "classifier.num_cpus=1",
+    "access_log=true", "gateway.max_replicas=2", "classifier.max_replicas=2",
+]
 # Each of the app's serving choices undone in turn, then all of them (Serve's defaults).
 ABLATION = {
     "tuned (defaults of ray_med)": [],
@@ -50,10 +55,9 @@ ABLATION = {
     "user code on a separate thread (Serve's default)": ["gateway.user_code_thread=true"],
     "1 CPU / 1 torch thread for the model": ["classifier.num_cpus=1"],
     "access log + autoscaling on": ["access_log=true", "gateway.max_replicas=2"],
-    "all of the above (a naive app)": [
-        "classifier.batch_wait_timeout_s=0.01", "classifier.max_concurrent_batches=1", "classify_in_gateway=false",
-        "gateway.user_code_thread=true", "classifier.user_code_thread=true", "classifier.num_cpus=1",
-        "access_log=true", "gateway.max_replicas=2", "classifier.max_replicas=2",
+    "all of the above (a naive app)": NAIVE,
+    "naive + Serve's max_ongoing_requests=5 (batches of at most 5)": [
+        *NAIVE, "gateway.max_ongoing_requests=5", "classifier.max_ongoing_requests=5", "classifier.max_batch_size=5",
     ],
 }
 
