@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -213,35 +212,30 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
-    from ray import serve
 
-    from ray_med.serving.app import build_app
+    from ray_med.serving.deploy import running
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         path, inputs = build_classifier(Path(tmp))
         ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = {"classifiers": {NAME: str(path)}, "overrides": [f"classifier.num_cpus={cores}", *argv]}
-        serve.run(build_app(args), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/classify"
-        asyncio.run(_load(url, inputs, 64, CLIENTS))  # warm up: adapter load, first batches
-        # Baselines run while the app is up and idle, right before and after the load, so
-        # both sides see the same machine (its speed drifts ~10% between minutes here).
-        local = InProcess(path, cores)
-        before = local.rps(inputs)
-        cpu0 = _cpu_by_process()
-        rps, sat_lat, sat_err = asyncio.run(_load(url, inputs, N_REQUESTS, CLIENTS))
-        cpu1 = _cpu_by_process()
-        after = local.rps(inputs)
-        cpu_ms = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000 / N_REQUESTS, 2) for k in cpu1
-                  if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
-        # Low load: one request at a time, each input in process then through Serve, interleaved.
-        seq_lat, base_lat, seq_err = asyncio.run(_sequential(url, inputs[:N_SEQUENTIAL], local))
-        serve.shutdown()
+        config = {"applications": [{"name": "bench", "route_prefix": "/", "args": args}]}
+        with running(config) as base:
+            url = base + "/v1/classify"
+            asyncio.run(_load(url, inputs, 64, CLIENTS))  # warm up: adapter load, first batches
+            # Baselines run while the app is up and idle, right before and after the load, so
+            # both sides see the same machine (its speed drifts ~10% between minutes here).
+            local = InProcess(path, cores)
+            before = local.rps(inputs)
+            cpu0 = _cpu_by_process()
+            rps, sat_lat, sat_err = asyncio.run(_load(url, inputs, N_REQUESTS, CLIENTS))
+            cpu1 = _cpu_by_process()
+            after = local.rps(inputs)
+            cpu_ms = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000 / N_REQUESTS, 2) for k in cpu1
+                      if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
+            # Low load: one request at a time, each input in process then through Serve, interleaved.
+            seq_lat, base_lat, seq_err = asyncio.run(_sequential(url, inputs[:N_SEQUENTIAL], local))
         ray.shutdown()
 
     base_rps = (before + after) / 2

@@ -211,12 +211,16 @@ def _ids(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def context_length(model: Any) -> int:
+    """Tokens the model attends over (prompt + generated), from its config."""
+    return int(getattr(model.config, "max_position_embeddings", 2048))
+
+
 def prompt_limit(model: Any, cfg: QAConfig) -> int:
     """The prompt length limit for ``cfg`` on ``model``."""
     if cfg.max_prompt_tokens:
         return cfg.max_prompt_tokens
-    context = int(getattr(model.config, "max_position_embeddings", 2048))
-    return context - (1 if cfg.mode == "top_token" else cfg.max_new_tokens)
+    return context_length(model) - (1 if cfg.mode == "top_token" else cfg.max_new_tokens)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -303,7 +307,7 @@ def extract_answer(text: str, choices: Sequence[str]) -> str | None:
     Looks, in order, for the first "the answer is X", then "Answer: X", then a rationale that is
     just the choice, in the part of the text before the model starts another question.
     """
-    text = _STOP.split(text, maxsplit=1)[0]
+    text = _own_answer(text)
     alt = "|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True))
     if all(len(c) == 1 for c in choices):
         # A capital letter standing alone: "(B)", "B.", "**B**", "option B". Lower case is
@@ -317,6 +321,11 @@ def extract_answer(text: str, choices: Sequence[str]) -> str | None:
             return _canonical(found[0], choices)  # its first commitment; what follows is rambling
     bare = text.strip().strip(".()").strip()
     return _canonical(bare, choices) if bare.lower() in {c.lower() for c in choices} else None
+
+
+def _own_answer(text: str) -> str:
+    """A generation cut where the model starts writing another question."""
+    return _STOP.split(text, maxsplit=1)[0].strip()
 
 
 def _canonical(found: str, choices: Sequence[str]) -> str | None:
@@ -352,8 +361,8 @@ def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Seq
                          max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     answers = [extract_answer(t, choices) for t in texts]
     winner, votes, invalid = vote(answers)
-    rationale = next((_STOP.split(t, maxsplit=1)[0].strip() for t, a in zip(texts, answers, strict=True)
-                      if a == winner), _STOP.split(texts[0], maxsplit=1)[0].strip())
+    rationale = next((_own_answer(t) for t, a in zip(texts, answers, strict=True) if a == winner),
+                     _own_answer(texts[0]))
     return QAResult(answer=winner, abstained=winner is None, votes=votes, invalid=invalid,
                     rationale=rationale, samples=list(texts))
 

@@ -119,10 +119,10 @@ class LMEngine:
 
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
         """Prompt ids, or a clear error when the prompt and the tokens to generate overflow the context."""
-        from ray_med.evaluation.qa import PromptTooLong
+        from ray_med.evaluation.qa import PromptTooLong, context_length
 
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        context = context_length(self.model)
         if len(ids) + max_new_tokens > context:
             raise PromptTooLong(f"the prompt is {len(ids)} tokens; with max_new_tokens={max_new_tokens} it "
                                 f"exceeds the model's {context}-token context")

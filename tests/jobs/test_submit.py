@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from ray_med.serving.deploy import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.submit, pytest.mark.slow, pytest.mark.deepspeed]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_job_submit_pretrain(shared_data: Path, tmp_path: Path) -> None:
@@ -31,14 +26,14 @@ def test_ray_job_submit_pretrain(shared_data: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # Every fixed default port gets a free one: the test session's own local Ray (started
     # by other tests) already holds the defaults, e.g. the dashboard agent's 52365, and a
     # head whose agent cannot bind refuses every job ("No available agent").
     ports = {
-        "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+        "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+        "--ray-client-server-port": free_port(),
     }
     # A short private temp dir: Ray's unix socket paths must stay under ~107 characters,
     # and the test session's own local Ray must not be touched (so no `ray stop`).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -17,17 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
+from ray_med.serving.deploy import free_port
+
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 MCQ = {"question": "Which enzyme is deficient in classic phenylketonuria?",
        "options": {"A": "Tyrosinase", "B": "Homogentisate oxidase", "C": "Phenylalanine hydroxylase"}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +48,7 @@ def url(ray_session, app_args):
 
     from ray_med.serving.app import build_app
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="ray_med", route_prefix="/")
     # The same classifiers in their own deployment (classify_in_gateway=false), at /split.
