@@ -54,8 +54,8 @@ def job(
     num_workers: int, steps: int, warmup: int, storage: str, shared: Path, report_every: int, log_every: int
 ) -> dict:
     from ray_med.config import load_config
+    from ray_med.registry import execute, get_job
     from ray_med.training.config import PretrainConfig
-    from ray_med.training.pretrain import run_pretrain
 
     total = warmup + steps
     cfg = load_config(PretrainConfig, CONFIG, [
@@ -65,9 +65,8 @@ def job(
         f"train.max_steps={total}", f"train.log_every={log_every}", f"train.report_every={report_every}",
         f"checkpoint.every_steps={total}", f"eval.every_steps={10 * total}", "eval.max_sequences=4",
     ])
-    run_pretrain(cfg)
-    rows = {r["step"]: r for r in json.loads((Path(storage) / f"bench-{num_workers}w" / "metrics.json").read_text())
-            if "loss" in r}
+    history = execute(get_job("pretrain"), cfg).history
+    rows = {r["step"]: r for r in history if "loss" in r}
     # From the first logged step after warmup to the last one before the final step,
     # which also checkpoints and exports.
     logged = sorted(s for s in rows if warmup <= s < total)

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from ray_med.config import load_config
-    from ray_med.training.finetune import FinetuneConfig, run_finetune
+    from ray_med.registry import execute, get_job
+    from ray_med.training.config import FinetuneConfig
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     runs = []
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"output_dir={tmp}/{task}-{setting}",
                     f"data.path={Path(args.shared_data) / 'pubmedqa/pqal_trainval.json'}",
                 ])
-                m = run_finetune(cfg).metrics
+                m = execute(get_job("finetune"), cfg).metrics
                 runs.append({
                     "task": task, "setting": setting, "auroc_macro": round(m["auroc_macro"], 4),
                     "auroc_ci": [round(x, 4) for x in m["auroc_macro_ci"]], "accuracy": round(m["accuracy"], 4),

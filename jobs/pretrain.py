@@ -13,25 +13,13 @@ On a cluster:
 Resubmitting the same command resumes from the run's latest checkpoint.
 """
 
-from __future__ import annotations
-
 import sys
-from collections.abc import Sequence
 
 from ray_med.cli import run_job
-from ray_med.training.config import PretrainConfig
-from ray_med.training.pretrain import run_pretrain
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_job(
-        argv,
-        prog="pretrain",
-        description="Continued pretraining of a causal LM on a weighted mixture of sources.",
-        config_cls=PretrainConfig,
-        fn=run_pretrain,
-        default_config="jobs/configs/pretrain/tiny.yaml",
-    )
+def main(argv: list[str] | None = None) -> int:
+    return run_job(argv, "pretrain")
 
 
 if __name__ == "__main__":

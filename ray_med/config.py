@@ -80,6 +80,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` with the value written so that :func:`parse_override` reads it back unchanged."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
+
+
 def apply_overrides(cls: type, data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with each ``a.b=c`` override applied.
 

@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -57,12 +58,25 @@ class RuntimeConfig:
 # ------------------------------------------------------------------------- logging / seeds
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now, not the stream it was created with
+    (a process that redirects stderr, like a test capturing it, keeps getting the logs)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Send ray_med's logs to stderr with timestamps, once per process."""
     logger = logging.getLogger("ray_med")
     logger.setLevel(level)
     if not any(getattr(h, "_ray_med", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._ray_med = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
@@ -145,6 +159,17 @@ class Storage:
         with fs.open_input_stream(f"{base}/{relpath.strip('/')}") as src:
             return src.read().decode("utf-8")
 
+    def list_dir(self, relpath: str = "") -> list[str]:
+        """Names of the entries directly under ``relpath`` (none when it does not exist)."""
+        if self.is_local:
+            path = Path(self.join(relpath)) if relpath else Path(self.uri)
+            return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
+
+        fs, base = self.filesystem()
+        path = f"{base}/{relpath.strip('/')}" if relpath else base
+        return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
     @contextlib.contextmanager
     def local_dir(self, relpath: str) -> Iterator[Path]:
         """A local folder that ends up at ``relpath`` under the root.
@@ -217,6 +242,14 @@ def start_run(job: str, cfg: Any, runtime: RuntimeConfig) -> RunContext:
 
 
 # ---------------------------------------------------------------------------------- Ray
+
+
+def free_port() -> int:
+    """A TCP port free on this machine right now (for a local head, a Serve proxy, a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 
 def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:

@@ -163,24 +163,27 @@ def test_describe_reads_field_docstrings() -> None:
     assert rows["mode"][0] == "'a' | 'b'"
 
 
-def _job_config_classes() -> dict[str, type]:
-    from ray_med.adapters.report import PeftReportConfig
-    from ray_med.pipeline import PipelineConfig
-    from ray_med.training.config import PretrainConfig
-    from ray_med.training.finetune import FinetuneConfig
-
-    return {"pipeline": PipelineConfig, "pretrain": PretrainConfig, "peft_report": PeftReportConfig,
-            "finetune": FinetuneConfig}
-
-
 def test_every_shipped_yaml_loads() -> None:
-    classes = _job_config_classes()
+    """Every YAML under jobs/configs/<job>/ loads strictly into the config class the job registry gives <job>."""
+    from ray_med.registry import JOBS
+
     files = sorted((REPO / "jobs" / "configs").rglob("*.yaml"))
     assert files, "no configs found under jobs/configs"
     for path in files:
-        stage = path.relative_to(REPO / "jobs" / "configs").parts[0]
-        assert stage in classes, f"{path}: no config class registered for '{stage}'"
-        load_config(classes[stage], path)
+        job = path.relative_to(REPO / "jobs" / "configs").parts[0]
+        assert job in JOBS, f"{path}: no job '{job}' in the registry"
+        load_config(JOBS[job].config, path)
+
+
+def test_every_job_has_an_entry_point_and_its_default_config_exists() -> None:
+    from ray_med.registry import JOBS
+
+    for name, spec in JOBS.items():
+        entry = REPO / "jobs" / f"{name.split('.')[0]}.py"
+        assert entry.is_file(), f"job {name}: no {entry.relative_to(REPO)}"
+        if spec.default_config:
+            assert (REPO / spec.default_config).is_file(), f"job {name}: {spec.default_config} is missing"
+        spec.function()  # the run function is importable
 
 
 @dataclass

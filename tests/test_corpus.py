@@ -14,7 +14,7 @@ pytestmark = pytest.mark.ray
 
 
 def test_records_from_every_format_make_one_dataset(ray_session, shared_data: Path) -> None:
-    from ray_med.corpus import to_ray_dataset
+    from ray_med.corpus.build import to_ray_dataset
 
     records = []
     for reader, path, options in [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ray_med.errors import ConfigError
-from ray_med.pipeline import PipelineConfig
+from ray_med.pipeline.config import PipelineConfig
 from ray_med.runtime import RuntimeConfig, Storage, run_name, seed_everything, start_run
 
 

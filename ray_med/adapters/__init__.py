@@ -1,6 +1,8 @@
-"""Adapters: PEFT method configs, stacking domain and downstream adapters, merge and export.
+"""Adapters: the method registry (one folder per method), stacking, the classifier folder, multi-adapter hosting.
 
-Core (no Ray, no DeepSpeed). Filled in by the adapter fine-tuning and federated
-knowledge-injection stages; the package exists now so the import boundary that keeps
-it Ray-free is enforced from the start.
+Core (no Ray, no DeepSpeed). :mod:`~ray_med.adapters.registry` maps a method name to its
+config, injection, loading and serving host; ``lora/``, ``adaption_prompt/``, ``prefix/``,
+``prompt/`` and ``ptuning/`` are the methods. :mod:`~ray_med.adapters.stacking` composes a
+stage-2 classifier, :mod:`~ray_med.adapters.classifier` owns its folder format, and
+:mod:`~ray_med.adapters.host` keeps many adapters on one base for serving and evaluation.
 """

@@ -13,23 +13,19 @@ every forward of a host on one thread (the Serve deployments use a one-thread ex
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_med.adapters.stacking import check_adapter_dir
+from ray_med.adapters.registry import METHODS, adapter_type, method_of_folder
 from ray_med.errors import ModelError
+from ray_med.models import inference_device, load_causal_lm, load_tokenizer
 
 
-def adapter_type(folder: str | Path) -> str:
-    """The PEFT type of an adapter folder (``LORA``, ``ADAPTION_PROMPT``, ...)."""
-    check_adapter_dir(str(folder))
-    try:
-        return str(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type", "")).upper()
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{folder}/adapter_config.json is not valid JSON ({exc.msg})") from None
+def _shared_titles() -> str:
+    return ", ".join(m.title for m in METHODS.values() if m.host == "shared")
 
 
 class AdapterHost:
@@ -47,27 +43,20 @@ class AdapterHost:
         return list(self._sets)
 
     def load(self, name: str, folders: Sequence[str | Path]) -> None:
-        """Load ``folders`` (LoRA adapters, applied together) as the served adapter ``name``."""
-        import peft
-
+        """Load ``folders`` (adapters of a ``shared`` method, applied together) as the served adapter ``name``."""
         if name in self._sets:
             return
         names: list[str] = []
         try:
             for folder in folders:
-                kind = adapter_type(folder)
-                if kind != "LORA":
-                    raise ModelError(f"{folder} is a {kind} adapter; one shared base serves LoRA adapters only")
+                method = method_of_folder(folder)
+                if method is None or method.host != "shared":
+                    raise ModelError(f"{folder} is a {adapter_type(folder)} adapter; one shared base serves "
+                                     f"{_shared_titles()} adapters only")
                 # Private names: served names may hold characters PEFT module keys cannot.
                 pname = f"served{self._count}"
                 self._count += 1
-                try:
-                    if self._peft is None:
-                        self._peft = peft.PeftModel.from_pretrained(self.model, str(folder), adapter_name=pname)
-                    else:
-                        self._peft.load_adapter(str(folder), adapter_name=pname)
-                except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                    raise ModelError(f"cannot load adapter {folder} onto the base model: {exc}") from None
+                self._peft = method.load(self._peft or self.model, folder, adapter_name=pname)
                 names.append(pname)
         except ModelError:
             for pname in names:
@@ -98,3 +87,42 @@ class AdapterHost:
         else:
             lora.set_adapter(self._sets[name])
             yield self.model
+
+
+@dataclass
+class HostedLM:
+    """A causal LM, its tokenizer and named LoRA adapters on one copy of its weights.
+
+    What ``evaluate.py qa`` and the LM deployment both answer with (:func:`load_lm`), so
+    they load the same weights the same way and give the same answers.
+    """
+
+    model: Any
+    tokenizer: Any
+    host: AdapterHost
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Adapter folders by served name; loaded on first use."""
+
+    def load_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ModelError(f"unknown adapter {name!r}; this server has {sorted(self.adapters) or 'none'}")
+        self.host.load(name, [self.adapters[name]])
+
+    def unload_adapter(self, name: str) -> None:
+        self.host.unload(name)
+
+    def use(self, adapter: str | None) -> Any:
+        """A context with ``adapter`` (loaded on demand) active; None: the bare model."""
+        if adapter:
+            self.load_adapter(adapter)
+        return self.host.use(adapter)
+
+
+def load_lm(model_path: str, adapters: dict[str, str] | None = None) -> HostedLM:
+    """The causal LM in ``model_path`` on this machine's inference device, ready for adapters."""
+    device, dtype = inference_device()
+    model = load_causal_lm(model_path, dtype=dtype).to(device).eval()
+    tokenizer = load_tokenizer(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return HostedLM(model, tokenizer, AdapterHost(model), dict(adapters or {}))

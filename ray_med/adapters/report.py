@@ -6,11 +6,14 @@ This is how Table 2 of Clinical LLaMA-LoRA (trainable parameters per method) is 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_med.adapters.methods import AdapterConfig, peft_config, trainable_parameters
+from ray_med.adapters.config import AdapterConfig
+from ray_med.adapters.registry import peft_config
 from ray_med.models.config import ModelConfig
+from ray_med.models.presets import count_parameters, preset_config
 
 
 @dataclass
@@ -37,11 +40,12 @@ class PeftReportConfig:
 
 def peft_report(cfg: PeftReportConfig) -> dict[str, Any]:
     """Trainable parameters and their fraction for each entry."""
+    # lazy: this module holds the job's config, which parses without torch, transformers or peft
     import peft
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ray_med.models import load_config, preset_config
+    from ray_med.models.loading import load_config
 
     if cfg.model.path:
         hf_config = load_config(cfg.model.path)
@@ -52,7 +56,7 @@ def peft_report(cfg: PeftReportConfig) -> dict[str, Any]:
         with torch.device("meta"):
             base = AutoModelForCausalLM.from_config(hf_config)
         model = peft.get_peft_model(base, peft_config(entry.adapter, model_config=hf_config))
-        trainable, total = trainable_parameters(model)
+        trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
         # Prompt-learning methods keep their virtual-token table outside model.parameters()
         # of the base, but PeftModel exposes it; total is the base plus the adapter.
         rows.append({
@@ -78,3 +82,19 @@ def format_markdown(report: dict[str, Any]) -> str:
         paper = "" if r["expected"] is None else f"{r['expected']:,} ({'match' if r['matches'] else 'DIFFERS'})"
         lines.append(f"| {r['name']} | {r['method']} | {r['trainable']:,} | {r['fraction']:.4%} | {paper} |")
     return "\n".join(lines)
+
+
+@dataclass
+class PeftReportOutputs:
+    """The report: the model and one row per entry."""
+
+    model: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_peft_report(cfg: PeftReportConfig) -> PeftReportOutputs:
+    """Print the report as a markdown table, then as one JSON object (the last line)."""
+    report = peft_report(cfg)
+    print(format_markdown(report))
+    print(json.dumps(report))
+    return PeftReportOutputs(model=report["model"], rows=report["rows"])

@@ -1,7 +1,7 @@
-"""Evaluation maths: perplexity now; AUROC with bootstrap CIs and QA modes later.
+"""Evaluation: metrics, perplexity, classifier inference and the QA inference modes, and the ``evaluate`` job's tasks.
 
-Core (no Ray, no DeepSpeed): the offline evaluation job and the in-training and
-serving paths all call these same functions.
+Core (no Ray, no DeepSpeed): the offline evaluation job, the in-training evaluation and
+the serving engines call these same functions, so their numbers agree.
 """
 
 from ray_med.evaluation.perplexity import PerplexityAccumulator, lm_nll, perplexity

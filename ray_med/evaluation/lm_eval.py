@@ -8,50 +8,43 @@ uses, scores them.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+
+import torch
 
 from ray_med.data import pack, read_records, tokenize_texts
 from ray_med.errors import DataError
+from ray_med.evaluation.config import EvalOutputs, PerplexityEvalConfig
 from ray_med.evaluation.perplexity import lm_nll
+from ray_med.models import load_causal_lm, load_tokenizer
 
 
-def perplexity_task(
-    model_dir: str,
-    data: str,
-    fmt: str,
-    *,
-    seq_len: int = 256,
-    batch_size: int = 8,
-    max_sequences: int | None = None,
-    options: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Metrics of ``model_dir`` on ``data``: perplexity, mean loss, tokens and sequences."""
-    import torch
-
-    from ray_med.models import load_causal_lm, load_tokenizer
-
-    records = read_records(fmt, data, on_error="skip", options=options).records
+def perplexity_task(cfg: PerplexityEvalConfig) -> EvalOutputs:
+    """Metrics of ``cfg.model`` on ``cfg.data``: perplexity, mean loss, tokens and sequences."""
+    records = read_records(cfg.format, cfg.data, on_error="skip", options=cfg.options).records
     texts = [r.text for r in records if r.text]
     if not texts:
-        raise DataError(f"{data}: no text records to evaluate (format {fmt})")
-    tokenizer = load_tokenizer(model_dir)
-    model = load_causal_lm(model_dir).eval()
-    blocks = pack(tokenize_texts(tokenizer, texts), seq_len)
-    if max_sequences is not None:
-        blocks = blocks[:max_sequences]
+        raise DataError(f"{cfg.data}: no text records to evaluate (format {cfg.format})")
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model).eval()
+    blocks = pack(tokenize_texts(tokenizer, texts), cfg.seq_len)
+    if cfg.max_sequences is not None:
+        blocks = blocks[: cfg.max_sequences]
     if not len(blocks):
-        raise DataError(f"{data}: fewer than {seq_len} tokens in total; lower --seq-len")
+        raise DataError(f"{cfg.data}: fewer than {cfg.seq_len} tokens in total; lower --seq-len")
     with torch.inference_mode():
-        acc = lm_nll(lambda ids: model(input_ids=ids), blocks, batch_size=batch_size)
-    return {
+        acc = lm_nll(lambda ids: model(input_ids=ids), blocks, batch_size=cfg.batch_size)
+    out = EvalOutputs({
         "task": "perplexity",
-        "model": model_dir,
-        "data": data,
-        "format": fmt,
+        "model": cfg.model,
+        "data": cfg.data,
+        "format": cfg.format,
         "documents": len(texts),
         "sequences": int(len(blocks)),
-        "seq_len": seq_len,
+        "seq_len": cfg.seq_len,
         "tokens": acc.tokens,
         "loss": acc.loss,
         "perplexity": acc.perplexity,
-    }
+    })
+    print(json.dumps(out.metrics))
+    return out

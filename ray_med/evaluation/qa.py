@@ -13,13 +13,14 @@ Three modes, after Meditron's evaluation, with two of its flaws fixed:
   let failed extractions vote; here they are counted but do not vote, and the item
   abstains when none is valid.
 
-Everything here is plain torch and transformers (no Ray), so the offline job and the
-server call the same functions and give the same answers.
+The prompts themselves (instruction, exemplars, answer cue, fitting to the context) are
+the task's: :mod:`ray_med.tasks.prompts`. Everything here is plain torch and
+transformers (no Ray), so the offline job and the server call the same functions and
+give the same answers.
 """
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -29,57 +30,14 @@ from typing import Any, Literal
 import torch
 
 from ray_med.errors import DataError
+from ray_med.evaluation.config import QAConfig
+from ray_med.tasks.prompts import QAItem, fit_prompt, select_shots
 
 Mode = Literal["top_token", "cot", "sc_cot"]
-MODES: tuple[str, ...] = ("top_token", "cot", "sc_cot")
-FORMATS: tuple[str, ...] = ("medqa", "medmcqa", "pubmedqa")
-PUBMEDQA_CHOICES: tuple[str, ...] = ("yes", "no", "maybe")
-COT_TRIGGER = "Let's think step by step."
-
-_MCQ_HEADER = "The following are multiple choice questions about medicine. Answer with the letter of the correct option."
-_YESNO_HEADER = "Answer each biomedical research question about its abstract with yes, no or maybe."
 # Where a generated rationale stops being an answer to *this* question: models trained
 # on few-shot text go on to write the next "Question:".
 _STOP = re.compile(r"\n\s*(?:Question|Context|Options)\s*:")
 
-
-@dataclass
-class QAItem:
-    """One question: multiple choice (``options`` by letter) or yes/no/maybe (no options)."""
-
-    id: str
-    question: str
-    context: str | None = None
-    options: dict[str, str] | None = None
-    answer: str | None = None
-    """Gold answer (a letter, or yes/no/maybe), when known."""
-    rationale: str | None = None
-    """An explanation, used when the item is a chain-of-thought exemplar."""
-
-    @property
-    def choices(self) -> list[str]:
-        """What the model may answer: option letters, or yes/no/maybe."""
-        return list(self.options) if self.options else list(PUBMEDQA_CHOICES)
-
-
-@dataclass
-class QAConfig:
-    """How questions are asked and answered."""
-
-    mode: Mode = "top_token"
-    """top_token, cot or sc_cot."""
-    shots: int = 0
-    """Few-shot exemplars before each question (drawn from the exemplar pool)."""
-    seed: int = 0
-    """Seed for exemplar choice and for sampling."""
-    n: int = 5
-    """Samples per question for sc_cot."""
-    temperature: float = 0.8
-    """Sampling temperature for sc_cot."""
-    max_new_tokens: int = 128
-    """Rationale length limit for cot and sc_cot."""
-    max_prompt_tokens: int = 0
-    """Prompt length limit; 0 means the model's context minus max_new_tokens (1 for top_token)."""
 
 
 @dataclass
@@ -110,105 +68,7 @@ class QAResult:
         return out
 
 
-# --------------------------------------------------------------------------- prompts
-
-
-def item_from_record(record: Any) -> QAItem:
-    """A :class:`QAItem` from a reader's Record (MedQA, MedMCQA or PubMedQA)."""
-    if not record.question:
-        raise DataError(f"record {record.id} ({record.source}) has no question")
-    meta = record.meta or {}
-    rationale = meta.get("exp") or meta.get("explanation") or meta.get("long_answer") or None
-    return QAItem(id=record.id, question=record.question, context=record.context, options=record.options,
-                  answer=record.answer, rationale=rationale)
-
-
-def select_shots(pool: Sequence[QAItem], k: int, seed: int, item: QAItem) -> list[QAItem]:
-    """``k`` exemplars with gold answers, never the item itself, the same for the same seed."""
-    if k <= 0:
-        return []
-    same_kind = [s for s in pool if s.answer and bool(s.options) == bool(item.options)
-                 and s.id != item.id and s.question != item.question]
-    # Seeded by the question and options, not the id: the server's items have no id, and
-    # the same question must get the same exemplars offline and online.
-    rng = random.Random(f"{seed}:{item.question}:{sorted((item.options or {}).items())}")
-    return rng.sample(same_kind, min(k, len(same_kind)))
-
-
-def _body(item: QAItem, context: str | None) -> str:
-    lines = []
-    if context:
-        lines.append(f"Context: {context}")
-    lines.append(f"Question: {item.question}")
-    if item.options:
-        lines.append("Options:")
-        lines += [f"{k}. {v}" for k, v in item.options.items()]
-    else:
-        lines.append("Options: yes, no, maybe")
-    return "\n".join(lines)
-
-
-def _exemplar(item: QAItem, cot: bool) -> str:
-    if cot and item.rationale:
-        answer = f"{COT_TRIGGER} {item.rationale.strip()} Therefore, the answer is {item.answer}."
-    else:
-        answer = str(item.answer)
-    return f"{_body(item, item.context)}\nAnswer: {answer}"
-
-
-def build_prompt(item: QAItem, shots: Sequence[QAItem], mode: str, *, context: str | None = None) -> str:
-    """The full prompt: instruction, exemplars, the question, and the answer cue.
-
-    ``context`` overrides the item's context (to pass a truncated one).
-    """
-    if mode not in MODES:
-        raise DataError(f"unknown QA mode {mode!r}; choose one of {', '.join(MODES)}")
-    cot = mode != "top_token"
-    parts = [_MCQ_HEADER if item.options else _YESNO_HEADER]
-    parts += [_exemplar(s, cot) for s in shots]
-    cue = f"Answer: {COT_TRIGGER}" if cot else "Answer:"
-    parts.append(f"{_body(item, item.context if context is None else context)}\n{cue}")
-    return "\n\n".join(parts)
-
-
-class PromptTooLong(DataError):
-    """A question that does not fit the model's context even with no exemplars and no context."""
-
-
-def fit_prompt(tokenizer: Any, item: QAItem, shots: Sequence[QAItem], mode: str, max_tokens: int) -> list[int]:
-    """Token ids of the prompt, dropping exemplars and then trimming the context to fit.
-
-    Exemplars go first (last one first), then the context is cut from its end; a question
-    and options that alone exceed ``max_tokens`` raise :class:`PromptTooLong`.
-    """
-    shots = list(shots)
-    while True:
-        ids = _ids(tokenizer, build_prompt(item, shots, mode))
-        if len(ids) <= max_tokens:
-            return ids
-        if not shots:
-            break
-        shots.pop()
-    if item.context:
-        bare = len(_ids(tokenizer, build_prompt(item, [], mode, context="")))
-        ctx = _ids(tokenizer, item.context, special=False)
-        keep = max_tokens - bare - 2  # context tokens may merge differently at the seam
-        while keep > 0:
-            ids = _ids(tokenizer, build_prompt(item, [], mode, context=tokenizer.decode(ctx[:keep])))
-            if len(ids) <= max_tokens:
-                return ids
-            keep -= max(1, len(ids) - max_tokens)
-        ids = _ids(tokenizer, build_prompt(item, [], mode, context=""))
-        if len(ids) <= max_tokens:
-            return ids
-    raise PromptTooLong(
-        f"the question{' and options' if item.options else ''} alone take more than {max_tokens} tokens, "
-        "the model's prompt limit"
-    )
-
-
-def _ids(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+# --------------------------------------------------------------------------- prompt limits
 
 
 def context_length(model: Any) -> int:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ray_med.models.config import ModelConfig, TokenizerConfig
     from ray_med.models.loading import (
         build_or_load,
+        inference_device,
         load_base_model,
         load_causal_lm,
         load_config,
@@ -45,6 +46,7 @@ _EXPORTS = {
     "ModelConfig": "config",
     "TokenizerConfig": "config",
     "build_or_load": "loading",
+    "inference_device": "loading",
     "load_base_model": "loading",
     "load_causal_lm": "loading",
     "load_config": "loading",
@@ -70,6 +72,7 @@ __all__ = [
     "TokenizerConfig",
     "build_model",
     "build_or_load",
+    "inference_device",
     "load_base_model",
     "count_parameters",
     "get_preset",

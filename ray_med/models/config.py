@@ -55,3 +55,5 @@ class TokenizerConfig:
     """Vocabulary size, special tokens included."""
     min_frequency: int = 2
     """A pair must occur this often to be merged."""
+    path: str | None = None
+    """An HF tokenizer folder to use instead of training one (the pipeline passes the one its data stage trained)."""

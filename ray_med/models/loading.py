@@ -146,6 +146,13 @@ def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     return _from_pretrained(AutoTokenizer, src, "tokenizer")
 
 
+def inference_device() -> tuple[str, torch.dtype | None]:
+    """Where a model answers requests: the GPU in bfloat16 when there is one, else the CPU in the folder's dtype."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16
+    return "cpu", None
+
+
 def build_or_load(cfg: ModelConfig, *, vocab_size: int | None = None, device: str = "cpu") -> PreTrainedModel:
     """``cfg.path`` loaded as a causal LM, else ``cfg.preset`` built with random init.
 

@@ -1,4 +1,4 @@
-"""A small HTTP client for the ray_med API (standard library only): what the demo sends."""
+"""A small HTTP client for the ray_med API (standard library only): what the demo sends, and how it prints the answers."""
 
 from __future__ import annotations
 
@@ -64,3 +64,13 @@ def summarize(row: dict[str, Any]) -> str:
     if path == "/v1/generate":
         return repr(r["text"][:80])
     return json.dumps(r)
+
+
+def print_serve_check(out: Any) -> None:
+    """Where the app was served, the item asked, one line per endpoint, and the Serve config written."""
+    item = out.item
+    print(f"served at {out.url} (PubMedQA {item['id']}: {item['question']!r}, gold answer {item['answer']})")
+    for row in out.rows:
+        print(f"  {row['endpoint']:<22} {summarize(row)}")
+    if out.serve_config:
+        print(f"serve config: {out.serve_config}  (run it: serve run {out.serve_config})")

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ray_med.errors import ConfigError
-from ray_med.evaluation.qa import QAConfig
+from ray_med.adapters.registry import check_adapter_dir
+from ray_med.errors import ConfigError, ModelError
+from ray_med.evaluation.config import QAConfig
+from ray_med.runtime import RuntimeConfig
+from ray_med.tasks.registry import prompt_formats
 
 
 @dataclass
@@ -105,9 +109,8 @@ class ServeAppConfig:
 
     def check(self) -> None:
         """Every path exists and is the kind of folder its key says; names are unique."""
-        from ray_med.adapters.stacking import check_adapter_dir
-        from ray_med.errors import ModelError
-        from ray_med.serving.engines import check_classifier_dir
+        # lazy: the classifier folder module loads torch; this config parses without it
+        from ray_med.adapters.classifier import check_classifier_dir
 
         if not self.model and not self.classifiers:
             raise ConfigError("nothing to serve: set model (a causal LM folder) and/or classifiers")
@@ -128,12 +131,11 @@ class ServeAppConfig:
         except ModelError as exc:
             raise ConfigError(str(exc)) from None
         if self.qa.shots > 0:
-            from ray_med.evaluation.qa import FORMATS
-
+            formats = prompt_formats()
             if not self.shots_file or not Path(self.shots_file).is_file():
                 raise ConfigError(f"qa.shots > 0 needs shots_file, an existing file (got {self.shots_file!r})")
-            if self.shots_format not in FORMATS:
-                raise ConfigError(f"shots_format must be one of {', '.join(FORMATS)}, got {self.shots_format!r}")
+            if self.shots_format not in formats:
+                raise ConfigError(f"shots_format must be one of {', '.join(formats)}, got {self.shots_format!r}")
         # In-gateway classifiers are batched in the gateway replicas with the classifier
         # section's batch settings, so the gateway's capacity must hold those batches.
         checks = [("lm", self.lm, self.lm), ("classifier", self.classifier, self.classifier)]
@@ -153,3 +155,39 @@ class ServeAppConfig:
 def _check_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise ConfigError(f"adapter name {name!r}: use letters, digits, '-', '_' and '.' only")
+
+
+@dataclass
+class ServeCheckConfig:
+    """Deploy a Serve config in process, ask every endpoint once, print the answers (the demo's serve stage)."""
+
+    run: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Run name, storage, seed, logging and Ray connection."""
+    serve_config: str = "cluster/serve/tiny.yaml"
+    """A Serve config file; its first application is deployed."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Args of that application to replace (e.g. args.model=runs/pretrain-xxxx/model)."""
+    port: int = 0
+    """HTTP port while it runs (0: a free one)."""
+    data_root: str = "../shared/data"
+    """Folder a relative data_path is resolved against."""
+    data_path: str = "pubmedqa/pqal_trainval.json"
+    """A PubMedQA file: its first item is asked in every QA mode and classified."""
+    write_config: str | None = None
+    """Also write the filled-in Serve config here (for `serve run`); default: <run.storage>/serve_tiny.yaml."""
+
+
+@dataclass
+class ServeCheckOutputs:
+    """What the check saw: one row per request (endpoint, request, status, response)."""
+
+    run_dir: str
+    url: str
+    item: dict[str, Any] = field(default_factory=dict)
+    """The PubMedQA item asked: its id, question and gold answer."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    serve_config: str | None = None
+    """The filled-in Serve config written for `serve run`."""
+
+    def headline(self) -> tuple[str, Any]:
+        return "ok_requests", sum(r["status"] == 200 for r in self.rows)

@@ -4,50 +4,42 @@
 :class:`ClassifierEngine` holds the stage-2 classifiers of ``jobs/finetune.py``. Both
 load adapters on demand and drop them when told (the deployment's LRU decides when),
 and both call the same functions as the offline evaluation job
-(:mod:`ray_med.evaluation.qa`, :func:`ray_med.training.classify.predict`), which is
-why ``evaluate.py`` and the endpoints give the same answers.
+(:mod:`ray_med.evaluation.qa`, :mod:`ray_med.evaluation.classify`), which is why
+``evaluate.py`` and the endpoints give the same answers.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ray_med.adapters.host import AdapterHost, adapter_type
-from ray_med.adapters.stacking import HEAD_CONFIG, HEAD_FILE, SequenceClassifier, check_adapter_dir
+from ray_med.adapters.classifier import (
+    adapter_folders,
+    check_classifier_dir,
+    labels_of,
+    load_classifier,
+    load_head,
+    shares_base,
+)
+from ray_med.adapters.host import AdapterHost, load_lm
+from ray_med.adapters.stacking import SequenceClassifier
 from ray_med.errors import DataError, ModelError
+from ray_med.evaluation.classify import encode_texts, predict
+from ray_med.evaluation.config import QAConfig
 from ray_med.evaluation.qa import (
-    QAConfig,
-    QAItem,
     QAResult,
     chain_of_thought,
-    fit_prompt,
+    choice_token_ids,
+    context_length,
+    generate,
     prompt_limit,
-    select_shots,
+    top_token,
 )
-
-
-def check_classifier_dir(path: str | Path) -> dict[str, Any]:
-    """The ``classifier.json`` of a classifier folder, or a clear error."""
-    meta_path = Path(path) / HEAD_CONFIG
-    if not meta_path.is_file():
-        raise ModelError(f"{path} is not a ray_med classifier folder (no {HEAD_CONFIG})")
-    try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelError(f"{meta_path} is not valid JSON ({exc.msg})") from None
-
-
-def device_and_dtype() -> tuple[str, torch.dtype | None]:
-    """Serve on the GPU in bfloat16 when the replica has one, else on CPU in the folder's dtype."""
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", None
+from ray_med.models import inference_device, load_base_model, load_tokenizer
+from ray_med.tasks.prompts import PromptTooLong, QAItem, fit_prompt, select_shots
 
 
 def set_threads(n: int) -> None:
@@ -56,39 +48,35 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+@dataclass
+class Generation:
+    """A generated text and its token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
 class LMEngine:
     """A causal LM with its tokenizer and LoRA adapters: QA, generation and chat."""
 
     def __init__(self, model_path: str, adapters: dict[str, str], *, qa: QAConfig | None = None,
                  shots: Sequence[QAItem] = ()) -> None:
-        from ray_med.models import load_causal_lm, load_tokenizer
-
         self.model_path = model_path
-        self.adapters = dict(adapters)
-        device, dtype = device_and_dtype()
-        self.model = load_causal_lm(model_path, dtype=dtype).to(device).eval()
-        self.tokenizer = load_tokenizer(model_path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.lm = load_lm(model_path, adapters)
+        self.model, self.tokenizer, self.host = self.lm.model, self.lm.tokenizer, self.lm.host
         self.qa = qa or QAConfig()
         self.shots = list(shots)
-        self.host = AdapterHost(self.model)
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return self.lm.adapters
 
     def load_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise ModelError(f"unknown adapter {name!r}; this server has {sorted(self.adapters) or 'none'}")
-        self.host.load(name, [self.adapters[name]])
+        self.lm.load_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
-        self.host.unload(name)
-
-    def _use(self, adapter: str | None) -> Any:
-        # In process, callers need not load first. Under Serve the multiplexed LRU has
-        # already loaded it: a forward is queued on the compute thread before any unload
-        # that evicts its adapter, so this is a no-op there.
-        if adapter:
-            self.load_adapter(adapter)
-        return self.host.use(adapter)
+        self.lm.unload_adapter(name)
 
     def qa_config(self, **request: Any) -> QAConfig:
         """The server's QA settings with a request's mode, n, temperature and seed applied."""
@@ -96,8 +84,6 @@ class LMEngine:
 
     def qa_prompts(self, items: Sequence[QAItem], cfg: QAConfig) -> list[list[int]]:
         """Prompt ids (with the server's exemplars), checked against the model's context."""
-        from ray_med.evaluation.qa import choice_token_ids
-
         if cfg.mode == "top_token":  # fail this request now, not the whole batch it would join
             for it in items:
                 choice_token_ids(self.tokenizer, it.choices)
@@ -107,20 +93,18 @@ class LMEngine:
 
     def top_token(self, prompts: Sequence[list[int]], choices: Sequence[Sequence[str]],
                   adapter: str | None) -> list[QAResult]:
-        from ray_med.evaluation.qa import top_token
-
-        with self._use(adapter) as model:
+        # In process, callers need not load an adapter first. Under Serve the multiplexed
+        # LRU has already loaded it, so the load is a no-op there.
+        with self.lm.use(adapter) as model:
             return top_token(model, self.tokenizer, prompts, choices)
 
     def chain_of_thought(self, prompt: list[int], choices: Sequence[str], cfg: QAConfig,
                          adapter: str | None) -> QAResult:
-        with self._use(adapter) as model:
+        with self.lm.use(adapter) as model:
             return chain_of_thought(model, self.tokenizer, prompt, choices, cfg)
 
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
         """Prompt ids, or a clear error when the prompt and the tokens to generate overflow the context."""
-        from ray_med.evaluation.qa import PromptTooLong, context_length
-
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         context = context_length(self.model)
         if len(ids) + max_new_tokens > context:
@@ -130,11 +114,16 @@ class LMEngine:
 
     def generate(self, prompt: list[int], *, max_new_tokens: int, temperature: float, seed: int,
                  adapter: str | None) -> str:
-        from ray_med.evaluation.qa import generate
-
-        with self._use(adapter) as model:
+        with self.lm.use(adapter) as model:
             return generate(model, self.tokenizer, prompt, temperature=temperature,
                             max_new_tokens=max_new_tokens, seed=seed)[0]
+
+    def complete(self, text: str, *, max_new_tokens: int, temperature: float, seed: int,
+                 adapter: str | None) -> Generation:
+        """Encode, check, generate and count: one generation request."""
+        ids = self.encode_prompt(text, max_new_tokens)
+        out = self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, adapter=adapter)
+        return Generation(out, len(ids), len(self.tokenizer(out, add_special_tokens=False)["input_ids"]))
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The tokenizer's chat template when it has one, else plain "role: content" turns."""
@@ -165,46 +154,27 @@ class ClassifierEngine:
         self._bases: dict[str, tuple[AdapterHost, Any]] = {}
         self._loaded: dict[str, _Loaded] = {}
 
-    def _folders(self, name: str) -> list[str] | None:
-        """The LoRA folders of a classifier, or None if it cannot share a base (full, non-LoRA)."""
-        meta, path = self.meta[name], self.paths[name]
-        if meta.get("setting") == "full":
-            return None
-        folders = [meta["domain_adapter"]] if meta.get("domain_adapter") else []
-        if meta.get("downstream"):
-            folders.append(path)
-        for folder in folders:
-            check_adapter_dir(folder)
-        return folders if all(adapter_type(f) == "LORA" for f in folders) else None
-
     def load(self, name: str) -> None:
-        from safetensors.torch import load_file
-
-        from ray_med.adapters.stacking import load_classifier
-        from ray_med.models import load_base_model, load_tokenizer
-
         if name in self._loaded:
             return
         if name not in self.paths:
             raise ModelError(f"unknown classifier {name!r}; this server has {sorted(self.paths) or 'none'}")
         meta, path = self.meta[name], self.paths[name]
-        folders = self._folders(name)
-        if folders is None:  # its own copy of the body
+        if not shares_base(path, meta):  # full fine-tunes and non-LoRA adapters: their own copy of the body
             model, _ = load_classifier(path)
-            model = model.to(device_and_dtype()[0])
-            tok = load_tokenizer(str(Path(path) / "model") if meta.get("setting") == "full" else meta["base_model"])
+            model = model.to(inference_device()[0])
+            tok = load_tokenizer(f"{path}/model" if meta.get("setting") == "full" else meta["base_model"])
             self._loaded[name] = _Loaded(model, None, tok, meta)
             return
         base_path = meta["base_model"]
         if base_path not in self._bases:
-            device, dtype = device_and_dtype()
+            device, dtype = inference_device()
             base = load_base_model(base_path, dtype=dtype).to(device).eval()
             self._bases[base_path] = (AdapterHost(base), load_tokenizer(base_path))
         host, tok = self._bases[base_path]
-        host.load(name, folders)
+        host.load(name, adapter_folders(path, meta))
         model = SequenceClassifier(host.model, host.model.config.hidden_size, meta["num_labels"], meta["pooling"])
-        model.head.load_state_dict(load_file(str(Path(path) / HEAD_FILE)))
-        model.head.to(next(host.model.parameters()).device)
+        load_head(model, path).head.to(next(host.model.parameters()).device)
         self._loaded[name] = _Loaded(model.eval(), host, tok, meta)
 
     def unload(self, name: str) -> None:
@@ -213,13 +183,10 @@ class ClassifierEngine:
             entry.host.unload(name)
 
     def labels(self, name: str) -> list[str]:
-        meta = self.meta[name]
-        return meta.get("labels") or [str(i) for i in range(meta["num_labels"])]
+        return labels_of(self.meta[name])
 
     def classify(self, name: str, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> list[dict]:
         """Label and probabilities for each text (and second segment), as the evaluate job scores them."""
-        from ray_med.training.classify import encode_texts, predict
-
         self.load(name)
         entry = self._loaded[name]
         pair_list = None

@@ -1,82 +1,30 @@
-"""The stage-2 training loop for classifiers (plain torch; the Ray Train worker calls it).
+"""Training a stage-2 classifier with the shared loop (plain torch; the downstream worker shell calls it).
 
 Warmup is counted in optimizer steps (Clinical LLaMA-LoRA passed a ratio where a step
 count was expected). The loss is class-weighted cross-entropy with weights N/(K·n_k),
 plain cross-entropy, or BCE for multi-label. After every epoch the dev set is scored;
 early stopping watches dev macro AUROC, and the best epoch's trainable weights are the
-ones kept.
+ones kept. Each epoch's order is a permutation seeded by (seed, epoch), so a run that
+resumes from an epoch's checkpoint sees exactly the order it would have seen.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ray_med.data.tasks import TaskData, class_weights
-from ray_med.evaluation.metrics import classification_metrics, sigmoid, softmax
+from ray_med.evaluation.classify import predict
+from ray_med.evaluation.metrics import classification_metrics
+from ray_med.tasks.classification import TaskData, class_weights
+from ray_med.training.config import ClassifyTrainConfig
+from ray_med.training.loop import Checkpointer, LoopSettings, StepResult, run_loop
 
-
-@dataclass
-class ClassifyTrainConfig:
-    """Optimisation of a stage-2 classifier."""
-
-    epochs: int = 4
-    """Passes over the training split."""
-    batch_size: int = 16
-    """Examples per step (per worker)."""
-    lr: float = 5e-4
-    """Peak learning rate (adapters and head; full fine-tuning wants ~5e-5)."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    warmup_steps: int = 10
-    """Linear warmup, in optimizer steps."""
-    loss: Literal["weighted_ce", "ce", "bce"] = "weighted_ce"
-    """weighted_ce (N/(K n_k) class weights), ce, or bce (multi-label)."""
-    patience: int = 2
-    """Stop after this many epochs without a better dev macro AUROC."""
-    max_length: int = 256
-    """Tokens per example (question + context are truncated to fit)."""
-    grad_clip: float = 1.0
-    """Gradient clipping by global norm (0 disables)."""
-
-
-def encode(tokenizer: Any, data: TaskData, max_length: int) -> dict[str, torch.Tensor]:
-    """Token ids and attention masks of every example, padded to the longest."""
-    return encode_texts(tokenizer, data.texts, data.pairs, max_length)
-
-
-def encode_texts(
-    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int
-) -> dict[str, torch.Tensor]:
-    """:func:`encode` on raw texts (and optional second segments): what the classify endpoint sends."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"  # the loop trims each batch to its longest example
-    # longest_first trims the longer text of a pair first (in practice the context), and
-    # still works when a question alone is longer than max_length.
-    enc = tokenizer(texts, pairs, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-def predict(model: torch.nn.Module, inputs: dict[str, torch.Tensor], task_type: str, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (softmax), or per-label probabilities (sigmoid) for multi-label."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits = []
-    with torch.inference_mode():
-        for i in range(0, len(inputs["input_ids"]), batch_size):
-            mask = inputs["attention_mask"][i : i + batch_size]
-            width = int(mask.sum(1).max())
-            ids = inputs["input_ids"][i : i + batch_size][:, :width].to(device)
-            logits.append(model(ids, mask[:, :width].to(device)).float().cpu().numpy())
-    out = np.concatenate(logits)
-    return sigmoid(out) if task_type == "multilabel" else softmax(out)
+TRAINABLE_FILE = "trainable.pt"
 
 
 def _loss_fn(cfg: ClassifyTrainConfig, task_type: str, y: np.ndarray, k: int) -> Callable[..., torch.Tensor]:
@@ -100,16 +48,23 @@ def train_classifier(
     report: Callable[[dict[str, Any]], None] | None = None,
     wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     shard: tuple[int, int] = (0, 1),
+    checkpoints: Checkpointer | None = None,
+    reduce_mean: Callable[[float], float] = float,
+    log: Callable[[str], None] = lambda _: None,
+    name: str = "downstream",
 ) -> dict[str, Any]:
     """Train, early-stop on dev macro AUROC, restore the best epoch; return the history.
 
-    ``wrap`` (e.g. DDP) wraps the model for the forward/backward only; ``shard`` is
-    (rank, world) so each data-parallel worker takes its own slice of every epoch.
+    ``report(row)`` gets every epoch's row. ``wrap`` (e.g. DDP) wraps the model for the
+    forward/backward only; ``shard`` is (rank, world) so each data-parallel worker takes
+    its own slice of every epoch; ``checkpoints`` (Ray Train's on a worker) saves the
+    trainable weights, the optimizer and the best epoch's weights at every epoch end,
+    reports them, and restores them on resume.
     """
     k = len(train.labels)
     loss_fn = _loss_fn(cfg, task_type, train.y, k)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rank, world = shard
     n = len(train.y)
     steps_per_epoch = math.ceil(n / world / cfg.batch_size)
@@ -120,47 +75,77 @@ def train_classifier(
     )
     runner = wrap(model) if wrap is not None else model
     y_train = torch.as_tensor(train.y)
-    gen = torch.Generator().manual_seed(seed)
-    best = {"auroc": -math.inf, "epoch": -1, "state": None}
-    history, since_best = [], 0
-    for epoch in range(cfg.epochs):
-        runner.train()
-        order = torch.randperm(n, generator=gen)[rank::world]
-        t0, losses = time.perf_counter(), []
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            mask = train_inputs["attention_mask"][idx]
-            width = int(mask.sum(1).max())  # right padding: cut the batch to its longest example
-            logits = runner(train_inputs["input_ids"][idx][:, :width], mask[:, :width])
-            target = y_train[idx].float() if task_type == "multilabel" or cfg.loss == "bce" else y_train[idx]
-            if cfg.loss == "bce" and task_type != "multilabel":
-                target = torch.nn.functional.one_hot(y_train[idx], k).float()
-            loss = loss_fn(logits, target)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+    bce = task_type == "multilabel" or cfg.loss == "bce"
+    best: dict[str, torch.Tensor] = {}
+
+    def step(idx: torch.Tensor, boundary: bool) -> StepResult:
+        mask = train_inputs["attention_mask"][idx]
+        width = int(mask.sum(1).max())  # right padding: cut the batch to its longest example
+        logits = runner(train_inputs["input_ids"][idx][:, :width], mask[:, :width])
+        target = y_train[idx].float() if bce else y_train[idx]
+        if cfg.loss == "bce" and task_type != "multilabel":
+            target = torch.nn.functional.one_hot(y_train[idx], k).float()
+        loss = loss_fn(logits, target)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return StepResult(loss.detach(), int(mask.sum()), float(norm), lr)
+
+    def batches(epoch: int, skip: int) -> Iterator[torch.Tensor]:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[rank::world]
+        for b, i in enumerate(range(0, len(order), cfg.batch_size)):
+            if b >= skip:
+                yield order[i : i + cfg.batch_size]
+
+    def evaluate() -> dict[str, float]:
         scores = predict(model, dev_inputs, task_type)
+        runner.train()
         metrics = classification_metrics(dev.y, scores, task_type, ordinal=ordinal, n_bootstrap=0)
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "dev_auroc": metrics["auroc_macro"],
-               "dev_accuracy": metrics["accuracy"], "epoch_s": time.perf_counter() - t0}
-        history.append(row)
-        if report is not None:
-            report(row)
-        if metrics["auroc_macro"] > best["auroc"]:
-            best = {"auroc": metrics["auroc_macro"], "epoch": epoch + 1,
-                    "state": {n_: p.detach().clone() for n_, p in model.named_parameters() if p.requires_grad}}
-            since_best = 0
-        else:
-            since_best += 1
-            if since_best >= cfg.patience:
-                break
-    if best["state"] is not None:
+        return {"dev_auroc": metrics["auroc_macro"], "dev_accuracy": metrics["accuracy"]}
+
+    def snapshot() -> None:
+        best.clear()
+        best.update({n_: p.detach().clone() for n_, p in params.items()})
+
+    def restore() -> None:
         with torch.no_grad():
-            for n_, p in model.named_parameters():
-                if n_ in best["state"]:
-                    p.copy_(best["state"][n_])
-    return {"history": history, "best_epoch": best["epoch"], "best_dev_auroc": best["auroc"]}
+            for n_, p in params.items():
+                p.copy_(best[n_])
+
+    def write(folder: Path) -> None:
+        if rank == 0:
+            torch.save({"params": {n_: p.detach().cpu() for n_, p in params.items()}, "best": best,
+                        "opt": opt.state_dict(), "sched": sched.state_dict()}, folder / TRAINABLE_FILE)
+
+    def read(folder: Path) -> None:
+        saved = torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for n_, p in params.items():
+                p.copy_(saved["params"][n_])
+        best.clear()
+        best.update(saved["best"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+
+    settings = LoopSettings(
+        name=name, epochs=cfg.epochs, log_every=cfg.log_every, per_epoch=True, monitor="dev_auroc",
+        patience=cfg.patience, keep_best=True, total_steps=total, world=world,
+    )
+    def publish(metrics: dict[str, Any], checkpoint: Any) -> None:
+        if checkpoints is not None:
+            checkpoints.report(metrics, checkpoint)
+        if report is not None:
+            report(metrics)
+
+    runner.train()
+    state = run_loop(
+        settings, step=step, batches=batches, evaluate=evaluate, report=publish,
+        save=checkpoints.saver(write) if checkpoints is not None else None,
+        load=checkpoints.loader(read) if checkpoints is not None else (lambda: None),
+        reduce_mean=reduce_mean, on_best=snapshot, restore_best=restore, log=log,
+    )
+    epochs = [r for r in state.history if "train_loss" in r]
+    return {"history": epochs, "best_epoch": state.best_epoch, "best_dev_auroc": state.best}

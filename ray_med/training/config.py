@@ -1,10 +1,17 @@
-"""The pretraining job's config tree (Meditron's recipe as defaults)."""
+"""The training jobs' config trees and their typed outputs (plain dataclasses, no torch).
+
+:class:`PretrainConfig` (Meditron's recipe as defaults) and :class:`FinetuneConfig`
+(Clinical LLaMA-LoRA's two stages) are what ``jobs/pretrain.py`` and ``jobs/finetune.py``
+load; :class:`PretrainOutputs` and :class:`FinetuneOutputs` are what they return, and
+what the pipeline hands to the next stage.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from ray_med.adapters.config import AdapterConfig
 from ray_med.data.config import CorpusConfig
 from ray_med.errors import ConfigError
 from ray_med.models.config import ModelConfig, TokenizerConfig
@@ -58,15 +65,20 @@ class ScalingSettings:
     """Ray Train workers and their resources."""
 
     num_workers: int = 1
-    """Data-parallel workers (one per GPU on a GPU cluster)."""
+    """Data-parallel workers (one per GPU on a GPU cluster); 0 runs the worker function in this
+    process (Ray Train's local mode: quick to start, no restarts and no checkpoints kept)."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: int | None = None
-    """CPUs (and torch threads) per worker; default: the cluster's CPUs / workers on CPU, 8 on GPU."""
+    """CPUs (and torch threads) per worker; default: the cluster's CPUs / workers on CPU, 4 on GPU."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Extra custom resources per worker (e.g. {accelerator_type:H100: 0.001})."""
     max_failures: int = 3
     """Worker failures to recover from, each time from the last checkpoint."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ConfigError(f"scaling.num_workers must be >= 0 (0: in this process), got {self.num_workers}")
 
 
 @dataclass
@@ -139,3 +151,138 @@ class PretrainConfig:
     """Held-out evaluation."""
     output_dir: str | None = None
     """Where the final model goes (<output_dir>/model); default: the run folder."""
+
+
+@dataclass
+class PretrainOutputs:
+    """What a pretraining run produced."""
+
+    run_dir: str
+    model_dir: str
+    """The HF model folder (with its tokenizer)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last reported metrics."""
+    checkpoint: str | None = None
+    """The latest checkpoint."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every logged step and evaluation, as in metrics.json."""
+
+    def headline(self) -> tuple[str, Any]:
+        evals = [r for r in self.history if any(k.endswith("/perplexity") for k in r)]
+        if evals:
+            ppl = [v for k, v in evals[-1].items() if k.endswith("/perplexity")]
+            return "heldout_perplexity_mean", sum(ppl) / len(ppl)
+        return "loss", self.metrics.get("loss")
+
+
+@dataclass
+class ClassifyTrainConfig:
+    """Optimisation of a stage-2 classifier."""
+
+    epochs: int = 4
+    """Passes over the training split."""
+    batch_size: int = 16
+    """Examples per step (per worker)."""
+    lr: float = 5e-4
+    """Peak learning rate (adapters and head; full fine-tuning wants ~5e-5)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warmup, in optimizer steps."""
+    loss: Literal["weighted_ce", "ce", "bce"] = "weighted_ce"
+    """weighted_ce (N/(K n_k) class weights), ce, or bce (multi-label)."""
+    patience: int = 2
+    """Stop after this many epochs without a better dev macro AUROC."""
+    max_length: int = 256
+    """Tokens per example (question + context are truncated to fit)."""
+    grad_clip: float = 1.0
+    """Gradient clipping by global norm (0 disables)."""
+    log_every: int = 0
+    """Log a step line every N steps (0: one line per epoch)."""
+
+
+@dataclass
+class TaskDataConfig:
+    """The labelled data of the downstream stage."""
+
+    task: str = "pubmedqa_rf"
+    """A classification task of the task registry (pubmedqa, pubmedqa_rf, mtsamples_specialty, mimic_*)."""
+    root: str = "../shared/data"
+    """Folder that a relative data.path is resolved against (from the working directory)."""
+    path: str = "pubmedqa/pqal_trainval.json"
+    """The data file: relative to data.root, absolute, or pkg://package/path."""
+    reader: str | None = None
+    """Reader format; default: the task's own."""
+    dev_size: int = 50
+    """Examples held out (stratified) for early stopping and the reported metrics."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """Malformed records: raise, or count and skip."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 1 (domain adapter) or stage 2 (downstream adapter + classifier head)."""
+
+    run: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Run name, storage, seed, logging and Ray connection."""
+    stage: Literal["domain", "downstream"] = "downstream"
+    """domain: a causal-LM adapter on clinical text; downstream: a classifier on a task."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model: a folder (the pretraining stage's model, MiniLM, Llama-2) or a preset."""
+    setting: Literal["head_only", "adapter", "full"] = "adapter"
+    """downstream: train the head only, adapters + head, or everything."""
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    """The adapter this stage trains (domain: any method; downstream: lora or adaption_prompt)."""
+    domain_adapter: str | None = None
+    """downstream: a stage-1 adapter folder stacked under the new adapter."""
+    domain_trainable: bool = False
+    """downstream: keep training the stage-1 adapter (the paper's best) or freeze it."""
+    pooling: Literal["mean", "last", "cls"] = "mean"
+    """downstream: mean for encoders, last for decoders."""
+    data: TaskDataConfig = field(default_factory=TaskDataConfig)
+    """downstream: the task and its data."""
+    train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
+    """downstream: optimisation."""
+    bootstrap: int = 1000
+    """downstream: bootstrap resamples for the metrics' 95% CIs."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """domain: the clinical text."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """domain with a preset base: tokenizer training."""
+    lm: TrainSettings = field(default_factory=lambda: TrainSettings(max_steps=100, log_every=10, report_every=50))
+    """domain: sequence length, batch and steps."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
+    """domain: optimizer and schedule."""
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    """domain: held-out perplexity."""
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    """Checkpoint interval (domain, in steps; downstream checkpoints every epoch) and retention."""
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    """Workers and resources."""
+    output_dir: str | None = None
+    """Where the adapter goes (<output_dir>/adapter); default: the run folder."""
+    merge: bool = False
+    """downstream: also write <output_dir>/merged, the base with both LoRA adapters merged in, plus the head."""
+
+
+@dataclass
+class FinetuneOutputs:
+    """What a fine-tuning stage produced: an adapter (domain) or a classifier folder (downstream)."""
+
+    run_dir: str
+    stage: str
+    adapter_dir: str
+    """domain: the PEFT adapter folder; downstream: the classifier folder (adapter + head)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """domain: the last reported metrics; downstream: the dev metrics with CIs."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Every logged step / epoch and evaluation."""
+
+    def headline(self) -> tuple[str, Any]:
+        if self.stage == "downstream":
+            return "dev_auroc_macro", self.metrics.get("auroc_macro")
+        evals = [r for r in self.history if any(k.endswith("/perplexity") for k in r)]
+        if evals:
+            ppl = [v for k, v in evals[-1].items() if k.endswith("/perplexity")]
+            return "heldout_perplexity_mean", sum(ppl) / len(ppl)
+        return "loss", self.metrics.get("loss")

@@ -2,44 +2,40 @@
 
 The driver reads the sources with Ray tasks, holds out a stable fraction of each
 source's documents, trains (or loads) the tokenizer, tokenizes and packs each source
-with Ray Data, mixes the sources by weight, and hands the materialized dataset to a
-``TorchTrainer`` running :func:`~ray_med.training.pretrain_worker.pretrain_worker`.
-The run's name and storage come from :mod:`ray_med.runtime`, so resubmitting the job
-resumes from its latest checkpoint; ``FailureConfig`` restarts the workers from it after
-a failure.
+with Ray Data, mixes the sources by weight, and hands the materialized dataset to the
+trainer of :mod:`ray_med.training.trainer` running
+:func:`~ray_med.training.pretrain_worker.pretrain_worker`. The run's name and storage
+come from :mod:`ray_med.runtime`, so resubmitting the job resumes from its latest
+checkpoint; ``FailureConfig`` restarts the workers from it after a failure.
+
+:func:`train_lm` is shared with the domain-adapter stage of fine-tuning, which is this
+same training with an adapter over a frozen model.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
 
+from ray_med.adapters.config import AdapterConfig
+from ray_med.corpus.build import read_corpus, to_ray_dataset
 from ray_med.data import pack, tokenize_texts
+from ray_med.data.config import resolve_path
 from ray_med.data.mixture import mixture_counts, split_heldout
-from ray_med.errors import DataError
-from ray_med.runtime import RunContext, init_ray, start_run
-from ray_med.training.config import PretrainConfig, ScalingSettings
+from ray_med.errors import ConfigError, DataError
+from ray_med.models import load_tokenizer, train_bpe_tokenizer
+from ray_med.runtime import RunContext, init_ray
+from ray_med.training.config import PretrainConfig, PretrainOutputs
+from ray_med.training.pretrain_worker import WorkerSpec, pretrain_worker
+from ray_med.training.trainer import build_trainer, threads_per_worker
 
 log = logging.getLogger("ray_med.pretrain")
-
-
-@dataclass
-class PretrainResult:
-    """Where a pretraining run put things, and its last metrics."""
-
-    run_dir: str
-    model_dir: str
-    metrics: dict[str, Any]
-    checkpoint: str | None
-    history: list[dict[str, Any]]
-    """Every logged step and evaluation, as in metrics.json."""
 
 
 def _pack_batch(batch: pa.Table, tokenizer: Any, seq_len: int) -> dict[str, np.ndarray]:
@@ -62,9 +58,6 @@ def _resample(ds: Any, have: int, want: int, seed: int) -> Any:
 
 def prepare_data(cfg: PretrainConfig, ctx: RunContext) -> tuple[Any, dict[str, np.ndarray], Any, dict[str, Any]]:
     """(train dataset, held-out blocks per source, tokenizer, data stats)."""
-    from ray_med.corpus import read_corpus, to_ray_dataset
-    from ray_med.models import load_tokenizer, train_bpe_tokenizer
-
     seq_len, seed = cfg.train.seq_len, cfg.run.seed
     sources = read_corpus(cfg.corpus)
     train_tables, held_texts = {}, {}
@@ -84,6 +77,8 @@ def prepare_data(cfg: PretrainConfig, ctx: RunContext) -> tuple[Any, dict[str, n
 
     if cfg.model.path:
         tokenizer = load_tokenizer(cfg.model.path)
+    elif cfg.tokenizer.path:
+        tokenizer = load_tokenizer(resolve_path(cfg.tokenizer.path))
     else:
         with ctx.local_dir("tokenizer") as tok_dir:
             if (tok_dir / "tokenizer.json").is_file():
@@ -129,77 +124,47 @@ def prepare_data(cfg: PretrainConfig, ctx: RunContext) -> tuple[Any, dict[str, n
     return train, eval_blocks, tokenizer, stats
 
 
-def build_trainer(cfg: PretrainConfig, ctx: RunContext, spec: Any, train_ds: Any) -> Any:
-    """The ``TorchTrainer``; ScalingConfig and RunConfig are built here and nowhere else."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def train_lm(cfg: PretrainConfig, ctx: RunContext, *, adapter: AdapterConfig | None = None,
+             name: str = "pretrain") -> tuple[Any, list[dict[str, Any]]]:
+    """Train a causal LM (or only ``adapter`` over it) on ``cfg.corpus``: (Ray Train's Result, the history).
 
-    from ray_med.training.pretrain_worker import pretrain_worker
-
-    s = cfg.scaling
-    resources = {"CPU": spec.threads, **s.resources_per_worker}
-    return TorchTrainer(
-        pretrain_worker,
-        train_loop_config={"spec": spec},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=ctx.name,
-            storage_path=ctx.storage.uri,
-            failure_config=FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
-        ),
-        datasets={"train": train_ds},
-        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-    )
-
-
-def threads_per_worker(s: ScalingSettings) -> int:
-    """CPUs (and torch threads) per worker: the config's, 4 on GPU, else the cluster's CPUs shared out."""
-    if s.cpus_per_worker:
-        return s.cpus_per_worker
-    if s.use_gpu:
-        return 4
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) // s.num_workers)
-
-
-def run_pretrain(cfg: PretrainConfig, *, ctx: RunContext | None = None, adapter: Any = None) -> PretrainResult:
-    """Run (or resume) continued pretraining; print where the model and metrics went.
-
-    With ``adapter`` (an AdapterConfig) only that PEFT adapter trains, over the frozen
-    model, and it is exported to ``<output_dir>/adapter`` instead of a full model.
+    The model (or adapter) goes to ``<output_dir>/model`` (``<output_dir>/adapter``),
+    the run folder by default, with ``metrics.json`` and ``plots/loss.png``.
     """
-    from ray_med.training.pretrain_worker import WorkerSpec
-
     cfg.corpus.check()
-    ctx = ctx or start_run("pretrain", cfg, cfg.run)
+    if cfg.model.path and cfg.tokenizer.path:
+        raise ConfigError("tokenizer.path is for presets: the model at model.path brings its own tokenizer")
     init_ray(cfg.run)
-    import ray.data
-
     # Per-operator progress bars from every worker's shard drown the training log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds, eval_blocks, tokenizer, stats = prepare_data(cfg, ctx)
-    for name, st in stats.items():
+    for source, st in stats.items():
         log.info("source %s: %d train sequences, %d in the mixture (%.1f%%), %d held-out sequences",
-                 name, st["train_sequences"], st["mixture_sequences"], 100 * st["mixture_share"],
+                 source, st["train_sequences"], st["mixture_sequences"], 100 * st["mixture_share"],
                  st["heldout_sequences"])
     ctx.write_text("data_stats.json", json.dumps(stats, indent=2) + "\n")
-    export_root = cfg.output_dir or ctx.dir
+    threads = threads_per_worker(cfg.scaling)
     spec = WorkerSpec(
         model=cfg.model, vocab_size=len(tokenizer), train=cfg.train, optim=cfg.optim, deepspeed=cfg.deepspeed,
-        checkpoint=cfg.checkpoint, eval=cfg.eval, use_gpu=cfg.scaling.use_gpu, threads=threads_per_worker(cfg.scaling),
-        seed=cfg.run.seed, run_name=ctx.name, eval_blocks=eval_blocks, export_dir=export_root,
-        tokenizer=tokenizer, metrics_dir=ctx.dir, adapter=adapter,
+        checkpoint=cfg.checkpoint, eval=cfg.eval, use_gpu=cfg.scaling.use_gpu, threads=threads,
+        seed=cfg.run.seed, run_name=ctx.name, name=name, eval_blocks=eval_blocks,
+        export_dir=cfg.output_dir or ctx.dir, tokenizer=tokenizer, metrics_dir=ctx.dir, adapter=adapter,
     )
-    result = build_trainer(cfg, ctx, spec, train_ds).fit()
-    model_dir = f"{export_root.rstrip('/')}/model"
+    trainer = build_trainer(pretrain_worker, {"spec": spec}, scaling=cfg.scaling, ctx=ctx, threads=threads,
+                            keep_checkpoints=cfg.checkpoint.keep, datasets={"train": train_ds})
+    result = trainer.fit()
+    return result, list(result.return_value or [])
+
+
+def run_pretrain(cfg: PretrainConfig, ctx: RunContext) -> PretrainOutputs:
+    """Run (or resume) continued pretraining; print where the model and metrics went."""
+    result, history = train_lm(cfg, ctx)
+    model_dir = f"{(cfg.output_dir or ctx.dir).rstrip('/')}/model"
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     metrics = dict(result.metrics or {})
     print(f"\npretraining finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")
     print(f"model:       {model_dir}  (an HF folder: transformers' AutoModelForCausalLM loads it)")
     print(f"metrics:     {ctx.path('metrics.json')}  plot: {ctx.path('plots', 'loss.png')}")
     print(f"checkpoint:  {checkpoint}")
-    history = json.loads(ctx.storage.read_text(f"{ctx.name}/metrics.json"))
-    return PretrainResult(run_dir=ctx.dir, model_dir=model_dir, metrics=metrics, checkpoint=checkpoint,
-                          history=history)
+    return PretrainOutputs(run_dir=ctx.dir, model_dir=model_dir, metrics=metrics, checkpoint=checkpoint,
+                           history=history)

@@ -1,19 +1,18 @@
-"""Plotting a run's loss curves from its metrics history."""
+"""Plots of a run's history: loss curves for LM training, loss and dev metrics per epoch for classifiers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+# The object-oriented API needs no display and no backend choice (cluster nodes have neither).
+from matplotlib.figure import Figure
+
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
     """Training loss, and held-out loss per source, against the step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     if train:
         ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
@@ -27,5 +26,23 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return path
+
+
+def plot_epochs(history: list[dict[str, Any]], path: Path) -> Path:
+    """A classifier's training loss and dev metrics against the epoch, as a PNG."""
+    fig = Figure(figsize=(9, 3.5))
+    loss_ax, dev_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss")
+    for key in sorted({k for r in history for k in r if k.startswith("dev_")}):
+        dev_ax.plot(epochs, [r.get(key, float("nan")) for r in history], marker="o", label=key)
+    dev_ax.set_xlabel("epoch")
+    dev_ax.legend()
+    for ax in (loss_ax, dev_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     return path

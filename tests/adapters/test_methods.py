@@ -7,9 +7,10 @@ import peft
 import pytest
 import torch
 
-from ray_med.adapters.methods import METHODS, AdapterConfig, peft_config, trainable_parameters
+from ray_med.adapters.config import AdapterConfig
+from ray_med.adapters.registry import METHODS, peft_config
 from ray_med.evaluation import lm_nll
-from ray_med.models import build_model
+from ray_med.models import build_model, count_parameters
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -19,7 +20,7 @@ def test_method_trains_only_its_adapter_and_scores(method: str) -> None:
     cfg = AdapterConfig(method=method, r=4, alpha=8, num_virtual_tokens=5, adapter_len=4, adapter_layers=30,
                         encoder_hidden_size=32)
     model = peft.get_peft_model(base, peft_config(cfg, model_config=base.config))
-    trainable, total = trainable_parameters(model)
+    trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
     assert 0 < trainable < total
     ids = torch.randint(0, 300, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_med.adapters.methods import AdapterConfig
+from ray_med.adapters.config import AdapterConfig
 from ray_med.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,13 +8,14 @@ import peft
 import pytest
 import torch
 
-from ray_med.adapters.methods import AdapterConfig, peft_config
+from ray_med.adapters.classifier import save_classifier
+from ray_med.adapters.config import AdapterConfig
+from ray_med.adapters.registry import peft_config
 from ray_med.adapters.stacking import (
     ClassifierSpec,
     SequenceClassifier,
     build_classifier,
     describe_trainable,
-    save_classifier,
 )
 from ray_med.errors import ConfigError, ModelError
 from ray_med.models import build_model, save_pretrained

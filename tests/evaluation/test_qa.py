@@ -1,4 +1,4 @@
-"""QA inference modes: prompts, top-token scoring, answer extraction and voting (no Ray)."""
+"""QA: the task prompts and the inference modes (top-token scoring, answer extraction, voting). No Ray."""
 
 from __future__ import annotations
 
@@ -6,22 +6,17 @@ import pytest
 import torch
 
 from ray_med.errors import DataError
+from ray_med.evaluation.config import QAConfig
 from ray_med.evaluation.qa import (
-    COT_TRIGGER,
-    PromptTooLong,
-    QAConfig,
-    QAItem,
     QAResult,
     answer_items,
-    build_prompt,
     choice_token_ids,
     extract_answer,
-    fit_prompt,
     qa_metrics,
-    select_shots,
     top_token,
     vote,
 )
+from ray_med.tasks import COT_TRIGGER, PromptTooLong, QAItem, build_prompt, fit_prompt, select_shots
 
 MCQ = QAItem("q1", "Which enzyme is deficient in PKU?", options={"A": "Tyrosinase", "B": "PAH"}, answer="B",
              rationale="PKU is a PAH deficiency.")

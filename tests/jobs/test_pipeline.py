@@ -1,4 +1,4 @@
-"""The demo pipeline end to end on the real data, on the shared local Ray."""
+"""The demo pipeline end to end on the real data, on the shared local Ray: every stage, then cached reruns."""
 
 from __future__ import annotations
 
@@ -23,23 +23,27 @@ def _pipeline_main():
     return module.main
 
 
-def test_pipeline_builds_corpus_tokenizer_and_report(ray_session, shared_data, tmp_path, capsys) -> None:
-    code = _pipeline_main()(
-        [
-            "--config", str(REPO / "jobs/configs/pipeline/tiny.yaml"),
-            f"run.storage={tmp_path}", f"corpus.root={shared_data}", "tokenizer.vocab_size=1024",
-            "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.micro_batch_size=4, "
-            "tokenizer.vocab_size=512, eval.max_sequences=4, checkpoint.every_steps=4]",
-            "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4]",
-            "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50]",
-        ]
-    )
+def _attempts(run_dir: Path) -> int:
+    """How many times a stage's job really ran (each run appends an attempt to its run.json)."""
+    return len(json.loads((run_dir / "run.json").read_text())["attempts"])
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tmp_path, capsys) -> None:
+    args = [
+        "--config", str(REPO / "jobs/configs/pipeline/tiny.yaml"),
+        f"run.storage={tmp_path}", f"corpus.root={shared_data}", "tokenizer.vocab_size=1024",
+        "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.micro_batch_size=4, "
+        "eval.max_sequences=4, checkpoint.every_steps=4]",
+        "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4]",
+        "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50]",
+    ]
+    code = _pipeline_main()(args)
     out = capsys.readouterr().out
     assert code == 0
     assert "run folder:" in out and "| abstracts |" in out
 
-    (run_dir,) = tmp_path.glob("pipeline-*")
-    report = json.loads((run_dir / "data_report.json").read_text())
+    (data_dir,) = tmp_path.glob("corpus-*")
+    report = json.loads((data_dir / "data_report.json").read_text())
     src = report["sources"]
 
     # PubMedQA PQA-L: 500 expert-labelled abstracts, all text.
@@ -55,7 +59,7 @@ def test_pipeline_builds_corpus_tokenizer_and_report(ray_session, shared_data, t
     assert src["xray"]["tokens"] == 0
 
     # The tokenizer is an HF folder that plain transformers loads.
-    tok = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
     assert len(tok) == report["tokenizer"]["vocab_size"] <= 1024
     text = "Pneumonia: 5 mg/kg amoxicillin, T 38.5°C."
     assert tok.decode(tok(text)["input_ids"]) == text
@@ -67,23 +71,27 @@ def test_pipeline_builds_corpus_tokenizer_and_report(ray_session, shared_data, t
     assert src["abstracts"]["sequences"] == direct // report["seq_len"]
 
     # The corpus is written as Parquet in the uniform schema, readable by the parquet reader.
-    back = read_records("parquet", str(run_dir / "corpus" / "clinical.parquet")).records
+    back = read_records("parquet", str(data_dir / "corpus" / "clinical.parquet")).records
     assert len(back) == clinical["records"] and back[0].label
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "data_report.md").is_file()
+    assert (data_dir / "config.yaml").is_file() and (data_dir / "data_report.md").is_file()
 
-    # The pretraining stage ran its own job config on the same data and storage.
+    # The pretraining stage ran its own job config on the same data and storage, with the
+    # tokenizer the data stage trained (the model's tokenizer is that one).
     (pre_dir,) = tmp_path.glob("pretrain-*")
     assert "pretraining finished at step 4" in out
     assert (pre_dir / "model" / "model.safetensors").is_file()
+    assert AutoTokenizer.from_pretrained(pre_dir / "model").get_vocab() == tok.get_vocab()
     assert "held-out perplexity, step 0 -> step 4" in out and "| abstracts |" in out.split("held-out")[1]
 
     # Stage 1 and stage 2 of adapter fine-tuning ran on that model, the domain adapter stacked.
     (domain_dir,) = tmp_path.glob("finetune-domain-*")
     assert (domain_dir / "adapter" / "adapter_config.json").is_file()
+    assert "domain adaptation finished at step 4" in out
     (down_dir,) = [p for p in tmp_path.glob("finetune-*") if not p.name.startswith("finetune-domain-")]
     metrics = json.loads((down_dir / "metrics.json").read_text())
     assert metrics["task"] == "pubmedqa_rf" and metrics["n"] == 50
     assert (down_dir / "adapter" / "domain" / "adapter_config.json").is_file()  # trained stage-1 adapter
+    assert (down_dir / "plots" / "epochs.png").stat().st_size > 1000
     assert "pubmedqa_rf dev metrics (50 examples" in out and "| auroc_macro |" in out
 
     # The serve stage deployed this run's model, domain adapter and classifier and got an
@@ -99,5 +107,47 @@ def test_pipeline_builds_corpus_tokenizer_and_report(ray_session, shared_data, t
     serve_yaml = tmp_path / "serve_tiny.yaml"
     from ray_med.serving.deploy import read_serve_config
 
-    args = read_serve_config(serve_yaml)["applications"][0]["args"]
-    assert args["model"] == str(pre_dir / "model") and args["classifiers"]["pubmedqa_rf"] == str(down_dir / "adapter")
+    serve_args = read_serve_config(serve_yaml)["applications"][0]["args"]
+    assert serve_args["model"] == str(pre_dir / "model")
+    assert serve_args["classifiers"]["pubmedqa_rf"] == str(down_dir / "adapter")
+
+    # summary.json ties the stages' folders together; each stage's run.json records its lineage.
+    (pipe_dir,) = tmp_path.glob("pipeline-*")
+    summary = json.loads((pipe_dir / "summary.json").read_text())["stages"]
+    assert [summary[s]["run"] for s in ("data", "pretrain", "domain", "downstream")] == [
+        data_dir.name, pre_dir.name, domain_dir.name, down_dir.name]
+    assert not any(s["cached"] for s in summary.values())
+    lineage = json.loads((down_dir / "run.json").read_text())["inputs"]
+    assert lineage == {"model.path": pre_dir.name, "domain_adapter": domain_dir.name}
+    stages = {"data": data_dir, "pretrain": pre_dir, "domain": domain_dir, "downstream": down_dir}
+    assert all(_attempts(d) == 1 for d in stages.values())
+    trained = (pre_dir / "metrics.json").stat().st_mtime_ns
+
+    # The same command again: every stage is reused, none runs (no new attempt is recorded,
+    # no training step is taken), and the same tables are printed.
+    assert _pipeline_main()(args) == 0
+    again = capsys.readouterr().out
+    assert again.count("cached: ") == 5 and "pretraining finished" not in again
+    assert "| abstracts |" in again and "pubmedqa_rf dev metrics (50 examples" in again
+    assert all(_attempts(d) == 1 for d in stages.values())
+    assert (pre_dir / "metrics.json").stat().st_mtime_ns == trained
+
+    # A changed override of the downstream stage reruns it (and what comes after it), nothing before.
+    changed = [a.replace("train.epochs=1", "train.epochs=2") for a in args] + ["serve.enabled=false"]
+    assert _pipeline_main()(changed) == 0
+    third = capsys.readouterr().out
+    for stage in ("data", "pretrain", "domain"):
+        assert f"== stage: {stage} ==\ncached: " in third
+    assert "== stage: downstream ==\ncached" not in third
+    assert all(_attempts(d) == 1 for d in stages.values())
+    new_down = [p for p in tmp_path.glob("finetune-*") if not p.name.startswith("finetune-domain-") and p != down_dir]
+    assert len(new_down) == 1 and _attempts(new_down[0]) == 1
+    assert len(json.loads((new_down[0] / "metrics.json").read_text())["history"]) == 2
+
+    # The run index lists every run with its status and lineage.
+    from ray_med.config import from_dict
+    from ray_med.runs import RunsConfig, list_runs
+
+    rows = {r["run"]: r for r in list_runs(from_dict(RunsConfig, {"run": {"storage": str(tmp_path)}}))}
+    assert rows[pre_dir.name]["status"] == "finished" and rows[pre_dir.name]["job"] == "pretrain"
+    assert rows[new_down[0].name]["inputs"]["model.path"] == pre_dir.name

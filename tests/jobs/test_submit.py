@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ray_med.serving.deploy import free_port
+from ray_med.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 def qa_texts() -> list[str]:
     """Prompt-shaped text for the tokenizer, so " A", " yes", ... become single tokens."""
     from ray_med.data import read_records
-    from ray_med.evaluation.qa import build_prompt, item_from_record
+    from ray_med.tasks import build_prompt, item_from_record
 
     items = [item_from_record(r) for r in read_records("medqa", str(FIXTURES / "medqa.jsonl")).records]
     items += [item_from_record(r) for r in read_records("medmcqa", str(FIXTURES / "medmcqa.jsonl")).records]
@@ -31,7 +31,7 @@ def qa_texts() -> list[str]:
 def cot_texts() -> list[str]:
     """Chain-of-thought answers to the fixture questions, to teach the tiny model the format."""
     from ray_med.data import read_records
-    from ray_med.evaluation.qa import build_prompt, item_from_record
+    from ray_med.tasks import build_prompt, item_from_record
 
     items = [item_from_record(r) for r in read_records("medqa", str(FIXTURES / "medqa.jsonl")).records]
     return [build_prompt(it, [], "cot") + f" {it.options[it.answer]} fits. Therefore, the answer is {it.answer}."
@@ -87,8 +87,9 @@ def build_lm(out: Path) -> dict[str, Path]:
 
 def build_classifiers(out: Path, minilm: Path) -> dict[str, Path]:
     """Two LoRA + head classifiers over the real MiniLM encoder (shared base when served)."""
-    from ray_med.adapters.methods import AdapterConfig
-    from ray_med.adapters.stacking import ClassifierSpec, build_classifier, save_classifier
+    from ray_med.adapters.classifier import save_classifier
+    from ray_med.adapters.config import AdapterConfig
+    from ray_med.adapters.stacking import ClassifierSpec, build_classifier
     from ray_med.models import load_base_model
 
     paths = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ray_med.serving.deploy import free_port
+from ray_med.runtime import free_port
 
 pytestmark = pytest.mark.ray
 

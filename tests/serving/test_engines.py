@@ -57,10 +57,10 @@ def test_adapter_host_refuses_non_lora(serve_models, tmp_path):
 
 
 def test_classifier_engine_shares_one_base_and_matches_load_classifier(serve_models):
-    from ray_med.adapters.stacking import load_classifier
+    from ray_med.adapters.classifier import load_classifier
+    from ray_med.evaluation.classify import encode_texts, predict
     from ray_med.models import load_tokenizer
     from ray_med.serving.engines import ClassifierEngine
-    from ray_med.training.classify import encode_texts, predict
 
     texts = ["Fever and productive cough for three days.", "Routine follow-up, no complaints."]
     engine = ClassifierEngine({"triage": str(serve_models["triage"]), "urgency": str(serve_models["urgency"])})

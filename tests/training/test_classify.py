@@ -7,13 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ray_med.adapters.methods import AdapterConfig
+from ray_med.adapters.config import AdapterConfig
 from ray_med.adapters.stacking import ClassifierSpec, build_classifier
 from ray_med.data import read_records
-from ray_med.data.tasks import get_task, task_data
+from ray_med.evaluation.classify import encode, predict
 from ray_med.evaluation.metrics import classification_metrics
 from ray_med.models import build_model, train_bpe_tokenizer
-from ray_med.training.classify import ClassifyTrainConfig, encode, predict, train_classifier
+from ray_med.tasks import get_task, task_data
+from ray_med.training.classify import train_classifier
+from ray_med.training.config import ClassifyTrainConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

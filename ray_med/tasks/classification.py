@@ -1,71 +1,21 @@
-"""Classification tasks: a reader, the text fields it feeds the model, a label space and a type.
+"""A task as a classifier sees it: (text, text_pair) inputs and label indices, stratified splits, class weights.
 
-* ``pubmedqa`` (reasoning-required, PubMedQA paper): question + contexts -> yes/no/maybe;
-* ``pubmedqa_rf`` (reasoning-free): question + long answer -> yes/no/maybe;
-* ``mtsamples_specialty``: transcription -> medical specialty (classes with >= 10 notes);
-* ``mimic_mor`` / ``mimic_pmv`` (binary), ``mimic_los`` (4 ordinal buckets),
-  ``mimic_diag`` / ``mimic_proc`` (multi-label ICD-9): a MIMIC-style outcome CSV.
-
-A task turns records into (text, text_pair) inputs and label indices (or 0/1 rows for
-multi-label), and makes stratified splits.
+:func:`task_data` turns records into aligned inputs and targets (label indices, or 0/1
+rows for multi-label) for any :class:`~ray_med.tasks.registry.Task`;
+:func:`stratified_split` makes the dev/test splits and :func:`class_weights` the
+N/(K·n_k) weights of the weighted cross-entropy.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from ray_med.data.records import Record
-from ray_med.errors import ConfigError, DataError
-
-TaskType = Literal["binary", "multiclass", "multilabel"]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task reads and predicts."""
-
-    name: str
-    reader: str
-    task_type: TaskType
-    text: str
-    """Record field (or ``meta.<key>``) for the first text."""
-    text_pair: str | None
-    """Record field for the second text, if the task has a pair."""
-    label_field: Literal["answer", "label", "labels"]
-    labels: tuple[str, ...] | None = None
-    """The label space; None: the classes in the data with at least ``min_count`` examples."""
-    min_count: int = 1
-    ordinal: bool = False
-    """Ordered buckets (length of stay): AUROC is one-vs-one."""
-
-
-TASKS: dict[str, TaskSpec] = {
-    t.name: t
-    for t in [
-        TaskSpec("pubmedqa", "pubmedqa", "multiclass", "question", "context", "answer", ("yes", "no", "maybe")),
-        TaskSpec("pubmedqa_rf", "pubmedqa", "multiclass", "question", "meta.long_answer", "answer",
-                 ("yes", "no", "maybe")),
-        TaskSpec("mtsamples_specialty", "mtsamples", "multiclass", "text", None, "label", None, min_count=10),
-        TaskSpec("mimic_mor", "mimic_outcomes", "binary", "text", None, "label", ("0", "1")),
-        TaskSpec("mimic_pmv", "mimic_outcomes", "binary", "text", None, "label", ("0", "1")),
-        TaskSpec("mimic_los", "mimic_outcomes", "multiclass", "text", None, "label", ("0", "1", "2", "3"),
-                 ordinal=True),
-        TaskSpec("mimic_diag", "mimic_outcomes", "multilabel", "text", None, "labels", None),
-        TaskSpec("mimic_proc", "mimic_outcomes", "multilabel", "text", None, "labels", None),
-    ]
-}
-
-
-def get_task(name: str) -> TaskSpec:
-    if name not in TASKS:
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown task '{name}'.{hint} Valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+from ray_med.errors import DataError
+from ray_med.tasks.registry import Task
 
 
 def _field(record: Record, name: str) -> Any:
@@ -85,8 +35,16 @@ class TaskData:
     """(n,) label indices, or (n, L) 0/1 for multi-label."""
     labels: list[str]
 
+    def take(self, idx: np.ndarray) -> TaskData:
+        """The examples at ``idx`` (a split), with the same label space."""
+        return TaskData(
+            ids=[self.ids[i] for i in idx], texts=[self.texts[i] for i in idx],
+            pairs=[self.pairs[i] for i in idx] if self.pairs is not None else None, y=self.y[idx],
+            labels=self.labels,
+        )
 
-def task_data(task: TaskSpec, records: list[Record], labels: list[str] | None = None) -> TaskData:
+
+def task_data(task: Task, records: list[Record], labels: list[str] | None = None) -> TaskData:
     """Inputs and targets of ``records``; records with a label outside the space are dropped.
 
     ``labels`` fixes the label space (use the training split's for the dev/test splits).

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ray_med.data import read_records
-from ray_med.data.tasks import class_weights, get_task, stratified_split, task_data
 from ray_med.errors import ConfigError, DataError
+from ray_med.tasks import class_weights, get_task, stratified_split, task_data
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -1,5 +1,8 @@
 """Building a corpus on Ray: sources read in parallel, written as Parquet, counted with Ray Data.
 
+:func:`run_corpus` is the corpus job (``jobs/corpus.py``, the pipeline's first stage):
+read, write, train the tokenizer that pretraining then uses, and report.
+
 This is a Ray edge over :mod:`ray_med.data`. Each source is read by a Ray task with
 the core readers, the records come back as Arrow tables in the uniform schema, and
 are written to ``<run>/corpus/<source>.parquet`` so later stages read them without
@@ -11,20 +14,27 @@ to a cluster-sized corpus.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data.aggregate import Count, Sum
 from tqdm import tqdm
 
+from ray_med.corpus.config import CorpusJobConfig, CorpusOutputs
+from ray_med.corpus.report import format_report, print_corpus
 from ray_med.data import Record, read_records, records_to_arrow, tokenize_texts
 from ray_med.data.config import CorpusConfig, SourceConfig
-from ray_med.runtime import RunContext, ray_get
+from ray_med.data.mixture import is_heldout
+from ray_med.models import train_bpe_tokenizer
+from ray_med.runtime import RunContext, init_ray, ray_get
 
 log = logging.getLogger("ray_med.corpus")
 
@@ -80,8 +90,6 @@ def read_corpus(cfg: CorpusConfig, ctx: RunContext | None = None) -> dict[str, S
 def _write_parquet(ctx: RunContext, relpath: str, table: pa.Table) -> str:
     target = ctx.path(relpath)
     if ctx.storage.is_local:
-        from pathlib import Path
-
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, target)
     else:
@@ -118,8 +126,6 @@ def token_report(sources: dict[str, SourceData], tokenizer: Any, seq_len: int) -
     object store once), so this works on a cluster where the driver's folders are not
     visible to the workers.
     """
-    from ray.data.aggregate import Count, Sum
-
     # Only what counting needs travels to the workers: image bytes become a flag.
     ds = to_ray_dataset(
         [
@@ -154,3 +160,39 @@ def token_report(sources: dict[str, SourceData], tokenizer: Any, seq_len: int) -
             "parquet": data.parquet,
         }
     return report
+
+
+def run_corpus(cfg: CorpusJobConfig, ctx: RunContext) -> CorpusOutputs:
+    """Read every source, train the tokenizer on the documents pretraining trains on, write and print the report."""
+    cfg.corpus.check()
+    resources = init_ray(cfg.run)
+    log.info("Ray resources: %s", {k: v for k, v in resources.items() if k in ("CPU", "GPU", "memory")})
+    sources = read_corpus(cfg.corpus, ctx)
+    texts = (
+        text
+        for name, d in sources.items()
+        for rid, text in zip(d.table.column("id").to_pylist(), d.table.column("text").to_pylist(), strict=True)
+        if text and not is_heldout(rid, name, cfg.heldout_fraction, cfg.run.seed)
+    )
+    with ctx.local_dir("tokenizer") as tok_dir:
+        tokenizer = train_bpe_tokenizer(
+            texts, vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency, out_dir=tok_dir
+        )
+    per_source = token_report(sources, tokenizer, cfg.seq_len)
+    tokenizer_dir = ctx.path("tokenizer")
+    report = {
+        "run": ctx.name,
+        "seq_len": cfg.seq_len,
+        "tokenizer": {"path": tokenizer_dir, "vocab_size": len(tokenizer)},
+        "sources": per_source,
+        "total": {
+            k: sum(s[k] for s in per_source.values())
+            for k in ("records", "skipped", "text_records", "tokens", "images", "sequences")
+        },
+    }
+    report_path = ctx.write_text("data_report.json", json.dumps(report, indent=2) + "\n")
+    ctx.write_text("data_report.md", format_report(report) + "\n")
+    outputs = CorpusOutputs(run_dir=ctx.dir, corpus_dir=ctx.path("corpus"), tokenizer_dir=tokenizer_dir,
+                            report_path=report_path, report=report)
+    print_corpus(outputs)
+    return outputs

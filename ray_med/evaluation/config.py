@@ -1,0 +1,116 @@
+"""The configs of evaluation: how QA is asked, and one typed config per ``evaluate`` task, with their outputs.
+
+Plain dataclasses (no torch), so ``jobs/evaluate.py --help`` and the Serve config parse
+in a fraction of a second. ``jobs/evaluate.py qa|classify|perplexity`` loads one of
+:class:`QAEvalConfig`, :class:`ClassifyEvalConfig` and :class:`PerplexityEvalConfig`
+from YAML and ``key=value`` overrides like every job, or from the flags it has always
+taken (``--model``, ``--data``, ...), which are aliases of these keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["top_token", "cot", "sc_cot"]
+
+
+@dataclass
+class QAConfig:
+    """How questions are asked and answered."""
+
+    mode: Mode = "top_token"
+    """top_token, cot or sc_cot."""
+    shots: int = 0
+    """Few-shot exemplars before each question (drawn from the exemplar pool)."""
+    seed: int = 0
+    """Seed for exemplar choice and for sampling."""
+    n: int = 5
+    """Samples per question for sc_cot."""
+    temperature: float = 0.8
+    """Sampling temperature for sc_cot."""
+    max_new_tokens: int = 128
+    """Rationale length limit for cot and sc_cot."""
+    max_prompt_tokens: int = 0
+    """Prompt length limit; 0 means the model's context minus max_new_tokens (1 for top_token)."""
+
+
+@dataclass
+class PerplexityEvalConfig:
+    """Perplexity of a causal LM folder on a corpus file."""
+
+    model: str
+    """HF causal-LM folder (with its tokenizer)."""
+    data: str
+    """The corpus file."""
+    format: str
+    """Its reader: pubmedqa, mtsamples, jsonl, text, parquet, ..."""
+    seq_len: int = 256
+    """Tokens per packed block (as pretraining packs them)."""
+    batch_size: int = 8
+    """Blocks per forward pass."""
+    max_sequences: int | None = None
+    """Score only the first N blocks."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Reader options (e.g. text_field for jsonl)."""
+
+
+@dataclass
+class ClassifyEvalConfig:
+    """Macro AUROC (with a bootstrap CI), AUPRC, macro F1 and accuracy of a saved classifier."""
+
+    model: str
+    """Classifier folder (<output_dir>/adapter of jobs/finetune.py stage=downstream)."""
+    task: str
+    """The task (its label space and inputs), e.g. pubmedqa_rf."""
+    data: str
+    """The labelled file."""
+    format: str | None = None
+    """Its reader; default: the task's."""
+    base: str | None = None
+    """Base model folder, when not the one recorded at training."""
+    ids_file: str | None = None
+    """File of record ids to score, one per line (e.g. a dev split); default: every record."""
+    max_length: int = 256
+    """Tokens per example."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the 95% CIs."""
+
+
+@dataclass
+class QAEvalConfig:
+    """QA accuracy of a causal LM (optionally with a LoRA adapter) in top_token, cot or sc_cot mode."""
+
+    model: str
+    """Causal-LM folder (with its tokenizer)."""
+    data: str
+    """The QA file."""
+    format: str
+    """Its reader: medqa, medmcqa or pubmedqa."""
+    adapter: str | None = None
+    """A LoRA adapter folder (PEFT format) to apply."""
+    task: str | None = None
+    """The task (its prompt); default: the format's QA task."""
+    qa: QAConfig = field(default_factory=QAConfig)
+    """Mode, shots, seed, samples, temperature and lengths."""
+    shots_file: str | None = None
+    """Exemplar pool for qa.shots, e.g. a training split (never the evaluated file)."""
+    limit: int | None = None
+    """Only the first N questions."""
+    batch_size: int = 8
+    """Prompts per forward pass in top_token mode."""
+    predictions: str = "qa_predictions.jsonl"
+    """Per-item predictions file (JSONL)."""
+
+
+@dataclass
+class EvalOutputs:
+    """What an evaluate task returns: its metrics (the JSON object on the last stdout line)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def headline(self) -> tuple[str, Any]:
+        for key in ("auroc_macro", "accuracy", "perplexity"):
+            if key in self.metrics:
+                return key, self.metrics[key]
+        return "", None

@@ -1,0 +1,71 @@
+"""What each pipeline stage prints: the tables a user reads, from the stage's typed outputs.
+
+The same functions print a stage that ran and a stage reused from an earlier run, so a
+cached rerun shows the same tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_med.corpus.config import CorpusOutputs
+from ray_med.corpus.report import print_corpus
+from ray_med.serving.client import print_serve_check
+from ray_med.serving.config import ServeCheckOutputs
+from ray_med.training.config import FinetuneOutputs, PretrainOutputs
+
+
+def format_perplexity(history: list[dict[str, Any]]) -> str:
+    """Held-out perplexity per source, before the first and after the last step."""
+    evals = [r for r in history if any(k.startswith("eval/") for k in r)]
+    if not evals:
+        return "(no held-out evaluation)"
+    first, last = evals[0], evals[-1]
+    names = sorted({k.split("/")[1] for k in last if k.startswith("eval/")})
+    lines = [
+        f"\nheld-out perplexity, step {first['step']} -> step {last['step']}:",
+        "",
+        "| source | before | after |",
+        "|---|---|---|",
+    ]
+    for n in names:
+        lines.append(f"| {n} | {first[f'eval/{n}/perplexity']:.1f} | {last[f'eval/{n}/perplexity']:.1f} |")
+    return "\n".join(lines)
+
+
+def format_classifier(m: dict[str, Any]) -> str:
+    """The downstream stage's dev metrics as a markdown table."""
+    lines = [f"\n{m['task']} dev metrics ({m['n']} examples, {m['trainable']:,} trainable parameters):", "",
+             "| metric | value | 95% CI |", "|---|---|---|"]
+    for key in ("auroc_macro", "auprc_macro", "f1_macro", "accuracy"):
+        lo, hi = m[f"{key}_ci"]
+        lines.append(f"| {key} | {m[key]:.4f} | [{lo:.4f}, {hi:.4f}] |")
+    return "\n".join(lines)
+
+
+def show_data(out: CorpusOutputs, cached: bool) -> None:
+    if cached:
+        print_corpus(out)
+
+
+def show_pretrain(out: PretrainOutputs, cached: bool) -> None:
+    if cached:
+        print(f"model:       {out.model_dir}")
+    print(format_perplexity(out.history))
+
+
+def show_domain(out: FinetuneOutputs, cached: bool) -> None:
+    if cached:
+        print(f"domain adapter: {out.adapter_dir}")
+    print(format_perplexity(out.history))
+
+
+def show_downstream(out: FinetuneOutputs, cached: bool) -> None:
+    if cached:
+        print(f"classifier:  {out.adapter_dir}")
+    print(format_classifier(out.metrics))
+
+
+def show_serve(out: ServeCheckOutputs, cached: bool) -> None:
+    if cached:
+        print_serve_check(out)

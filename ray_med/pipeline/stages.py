@@ -1,0 +1,94 @@
+"""The pipeline's stages: which registered job each runs, what it needs, and how it takes the outputs before it.
+
+A hand-off turns the typed outputs of earlier stages into ``key=value`` overrides of the
+stage's own job config: the same overrides a user would type to run that job alone
+(``model.path=runs/pretrain-1a2b3c4d/model``), recorded in the stage's ``run.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray_med.config import format_override
+from ray_med.pipeline import show
+from ray_med.pipeline.config import PipelineConfig
+
+HandOff = Callable[[PipelineConfig, dict[str, Any]], list[str]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """The pipeline config section and the name in summary.json."""
+    job: str
+    """The registered job it runs."""
+    description: str
+    needs: tuple[str, ...] = ()
+    """Stages that must have run before it (it is skipped, with a reason, when one is off)."""
+    uses: tuple[str, ...] = ()
+    """Stages whose outputs it reads when they ran (its needs among them): their keys are part of its key."""
+    handoff: HandOff = lambda cfg, up: []
+    show: Callable[[Any, bool], None] = lambda out, cached: None
+
+
+def _data_root(cfg: PipelineConfig) -> str:
+    return cfg.corpus.root
+
+
+def _pretrain(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    return [format_override("corpus.root", _data_root(cfg)),
+            format_override("tokenizer.path", up["data"].tokenizer_dir)]
+
+
+def _domain(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    return [format_override("model.path", up["pretrain"].model_dir), "model.preset=null",
+            format_override("corpus.root", _data_root(cfg))]
+
+
+def _downstream(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    domain = up.get("domain")
+    return [format_override("model.path", up["pretrain"].model_dir), "model.preset=null",
+            format_override("domain_adapter", domain.adapter_dir if domain else None),
+            format_override("data.root", _data_root(cfg))]
+
+
+def _serve(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    domain, downstream = up.get("domain"), up.get("downstream")
+    pubmedqa = next((s for s in cfg.corpus.sources if s.reader == "pubmedqa"), None)
+    out = [
+        format_override("args.model", up["pretrain"].model_dir),
+        "args.adapters=" + json.dumps({"mtsamples": domain.adapter_dir} if domain else {}),
+        "args.classifiers=" + json.dumps({"pubmedqa_rf": downstream.adapter_dir} if downstream else {}),
+        format_override("data_root", _data_root(cfg)),
+    ]
+    if pubmedqa is not None:
+        out.append(format_override("data_path", pubmedqa.path))
+    return out
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("data", "corpus", "read the corpus sources into Parquet, train the tokenizer (on the documents "
+          "pretraining trains on), print the data report", show=show.show_data),
+    Stage("pretrain", "pretrain", "continued pretraining of the tiny Llama with that tokenizer on Ray Train + "
+          "DeepSpeed; held-out perplexity per source before and after", needs=("data",), uses=("data",), handoff=_pretrain,
+          show=show.show_pretrain),
+    Stage("domain", "finetune", "stage-1 domain LoRA on the MTSamples notes over the pretrained model; its "
+          "held-out perplexity", needs=("pretrain",), uses=("pretrain",), handoff=_domain, show=show.show_domain),
+    Stage("downstream", "finetune", "stage-2 downstream LoRA + classifier head on PubMedQA (reasoning-free), the "
+          "domain adapter stacked under it; dev metrics with bootstrap CIs", needs=("pretrain",),
+          uses=("pretrain", "domain"), handoff=_downstream, show=show.show_downstream),
+    Stage("serve", "serve_check", "the Serve app on the pretrained model, the domain adapter and the classifier; "
+          "one request to every endpoint", needs=("pretrain",), uses=("pretrain", "domain", "downstream"), handoff=_serve, show=show.show_serve),
+)
+
+
+def describe_stages() -> str:
+    """The stages for ``jobs/pipeline.py --help``."""
+    lines = ["Stages, in order (each is skipped as `cached` when an earlier run finished it with the same "
+             "config and inputs; <stage>.enabled=false turns one off, <stage>.overrides=[...] changes it):", ""]
+    for i, s in enumerate(STAGES, 1):
+        lines.append(f"  {i}. {s.name} ({s.job} job): {s.description}")
+    return "\n".join(lines)

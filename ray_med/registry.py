@@ -1,0 +1,143 @@
+"""The job registry: job name -> config class, run function, default YAML, typed outputs.
+
+``jobs/*.py`` are three lines over :func:`ray_med.cli.run_job`, which looks its job up
+here; the config tests load every job's YAMLs through this table; the pipeline builds
+its stages from it. Adding a job is one :class:`JobSpec` line plus a ``jobs/<name>.py``.
+
+Config and outputs classes are imported here (they are plain dataclasses, light to
+import); run functions are named by ``module:function`` and imported only when the job
+runs, so ``--help`` and a config typo answer without loading torch, DeepSpeed or Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray_med import runs
+from ray_med.adapters.report import PeftReportConfig, PeftReportOutputs
+from ray_med.corpus.config import CorpusJobConfig, CorpusOutputs
+from ray_med.errors import ConfigError
+from ray_med.evaluation.config import ClassifyEvalConfig, EvalOutputs, PerplexityEvalConfig, QAEvalConfig
+from ray_med.pipeline.config import PipelineConfig, PipelineOutputs
+from ray_med.runs import RunsConfig, RunsOutputs
+from ray_med.runtime import RunContext, start_run
+from ray_med.serving.config import ServeCheckConfig, ServeCheckOutputs
+from ray_med.training.config import FinetuneConfig, FinetuneOutputs, PretrainConfig, PretrainOutputs
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: what it reads, what it runs, and what it returns."""
+
+    name: str
+    config: type
+    run: str
+    """``module:function`` taking (config, RunContext) when ``run_folder``, else (config)."""
+    outputs: type
+    description: str
+    default_config: str | None = None
+    """Default YAML, relative to the repository root (None: the config's defaults)."""
+    run_folder: bool = True
+    """It owns a run folder ``<run.storage>/<prefix>-<config hash>`` with ``run.json``."""
+    prefix: str | Callable[[Any], str] | None = None
+    """Run-name prefix (default: the job name), or a function of the config."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Command-line flags kept as aliases of config keys (``--model`` -> ``model``)."""
+
+    def run_prefix(self, cfg: Any) -> str:
+        if callable(self.prefix):
+            return self.prefix(cfg)
+        return self.prefix or self.name
+
+    def function(self) -> Callable[..., Any]:
+        module, _, name = self.run.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def _finetune_prefix(cfg: FinetuneConfig) -> str:
+    return "finetune-domain" if cfg.stage == "domain" else "finetune"
+
+
+_QA_FLAGS = {
+    "--model": "model", "--adapter": "adapter", "--data": "data", "--format": "format", "--task": "task",
+    "--mode": "qa.mode", "--shots": "qa.shots", "--shots-file": "shots_file", "--seed": "qa.seed", "--n": "qa.n",
+    "--temperature": "qa.temperature", "--max-new-tokens": "qa.max_new_tokens", "--limit": "limit",
+    "--batch-size": "batch_size", "--predictions": "predictions",
+}
+_CLASSIFY_FLAGS = {
+    "--model": "model", "--adapter": "model", "--base": "base", "--task": "task", "--data": "data",
+    "--format": "format", "--ids": "ids_file", "--max-length": "max_length", "--bootstrap": "bootstrap",
+}
+_PERPLEXITY_FLAGS = {
+    "--model": "model", "--data": "data", "--format": "format", "--seq-len": "seq_len",
+    "--batch-size": "batch_size", "--max-sequences": "max_sequences", "--option": "options",
+}
+
+JOBS: dict[str, JobSpec] = {
+    j.name: j
+    for j in [
+        JobSpec("corpus", CorpusJobConfig, "ray_med.corpus.build:run_corpus", CorpusOutputs,
+                "Read the sources into Parquet, train the tokenizer, and report records, tokens and images.",
+                default_config="jobs/configs/corpus/tiny.yaml"),
+        JobSpec("pretrain", PretrainConfig, "ray_med.training.pretrain:run_pretrain", PretrainOutputs,
+                "Continued pretraining of a causal LM on a weighted mixture of sources (Ray Train + DeepSpeed).",
+                default_config="jobs/configs/pretrain/tiny.yaml"),
+        JobSpec("finetune", FinetuneConfig, "ray_med.training.finetune:run_finetune", FinetuneOutputs,
+                "Stage 1 (domain adapter) or stage 2 (downstream adapter + classifier head).",
+                default_config="jobs/configs/finetune/pubmedqa_rf_minilm_lora.yaml", prefix=_finetune_prefix),
+        JobSpec("evaluate.perplexity", PerplexityEvalConfig, "ray_med.evaluation.lm_eval:perplexity_task",
+                EvalOutputs, "Perplexity of a causal LM on a corpus file.", run_folder=False,
+                aliases=_PERPLEXITY_FLAGS),
+        JobSpec("evaluate.classify", ClassifyEvalConfig, "ray_med.evaluation.classify_eval:classify_task",
+                EvalOutputs, "Macro AUROC (with CI), AUPRC, F1 and accuracy of a saved classifier.",
+                run_folder=False, aliases=_CLASSIFY_FLAGS),
+        JobSpec("evaluate.qa", QAEvalConfig, "ray_med.evaluation.qa_eval:qa_task", EvalOutputs,
+                "QA accuracy of a causal LM (+ LoRA adapter) in top_token, cot or sc_cot mode.",
+                run_folder=False, aliases=_QA_FLAGS),
+        JobSpec("peft_report", PeftReportConfig, "ray_med.adapters.report:run_peft_report", PeftReportOutputs,
+                "Trainable parameters and their fraction for each PEFT method and setting.",
+                default_config="jobs/configs/peft_report/llama2_7b_table2.yaml", run_folder=False),
+        JobSpec("serve_check", ServeCheckConfig, "ray_med.serving.deploy:run_serve_check", ServeCheckOutputs,
+                "Deploy a Serve config in process, send one request to every endpoint, print the answers.",
+                default_config="jobs/configs/serve_check/tiny.yaml"),
+        JobSpec("pipeline", PipelineConfig, "ray_med.pipeline.run:run_pipeline", PipelineOutputs,
+                "The demo pipeline: every stage, each cached by its config and its inputs.",
+                default_config="jobs/configs/pipeline/tiny.yaml"),
+        JobSpec("runs", RunsConfig, "ray_med.runs:run_index", RunsOutputs,
+                "List the runs under run.storage: job, status, headline metric, lineage.", run_folder=False),
+    ]
+}
+
+
+def execute(spec: JobSpec, cfg: Any, *, overrides: Sequence[str] = (), stage_key: str | None = None) -> Any:
+    """Run ``spec`` on a loaded config, keeping its run record; return its typed outputs."""
+    fn = spec.function()
+    if not spec.run_folder:
+        return fn(cfg)
+    ctx: RunContext = start_run(spec.run_prefix(cfg), cfg, cfg.run)
+    record = runs.begin(ctx, cfg, overrides=list(overrides), stage_key=stage_key)
+    try:
+        outputs = fn(cfg, ctx)
+    except BaseException as exc:
+        runs.end(ctx, record, error=exc)
+        raise
+    runs.end(ctx, record, outputs=outputs)
+    return outputs
+
+
+def get_job(name: str) -> JobSpec:
+    """The job called ``name``, or a clear error listing the valid ones."""
+    if name not in JOBS:
+        close = difflib.get_close_matches(name, list(JOBS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown job '{name}'.{hint} Valid jobs: {', '.join(JOBS)}")
+    return JOBS[name]
+
+
+def subcommands(group: str) -> dict[str, JobSpec]:
+    """The jobs ``<group>.<sub>`` by ``sub`` (``evaluate`` -> qa, classify, perplexity)."""
+    return {name.split(".", 1)[1]: spec for name, spec in JOBS.items() if name.startswith(group + ".")}

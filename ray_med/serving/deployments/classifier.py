@@ -1,0 +1,70 @@
+"""The stage-2 classifiers, dynamically batched: as their own deployment, or inside the gateway.
+
+:class:`ClassifierServer` is the deployment (one classifier per batch: Serve splits
+batches by the multiplexed model id). :class:`LocalClassifiers` is the same engine run
+inside the gateway replica (``classify_in_gateway: true``, the default for encoder-sized
+classifiers: no Ray hop per request); there one batch may mix classifiers, so it groups
+them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from ray_med.errors import RayMedError
+from ray_med.serving.config import ServeAppConfig
+from ray_med.serving.deployments.replica import ComputeThread, adapter_cache, batched, raise_if_error
+from ray_med.serving.engines import ClassifierEngine
+from ray_med.serving.schemas import ClassifyRequest
+
+
+@serve.deployment(name="ClassifierServer")
+class ClassifierServer:
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.thread = ComputeThread(cfg.classifier)
+        self.engine = ClassifierEngine(cfg.classifiers, max_length=cfg.classify_max_length)
+        self.get_classifier = adapter_cache(self.thread, self.engine.load, self.engine.unload,
+                                            cfg.classifier.max_adapters)
+        self._batch = batched(self._classify, cfg.classifier)
+
+    async def _classify(self, texts: list[str], pairs: list[str | None]) -> list[Any]:
+        name = serve.get_multiplexed_model_id()
+        try:
+            await self.get_classifier(name)
+            return await self.thread.run(self.engine.classify, name, texts, pairs)
+        except RayMedError as exc:
+            return [exc] * len(texts)
+
+    async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
+        return raise_if_error(await self._batch(req.text, req.text_pair))
+
+
+class LocalClassifiers:
+    """The classifiers inside the gateway replica: the same engine, batching and adapter cache."""
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.thread = ComputeThread(cfg.classifier)
+        self.engine = ClassifierEngine(cfg.classifiers, max_length=cfg.classify_max_length)
+        self.get_classifier = adapter_cache(self.thread, self.engine.load, self.engine.unload,
+                                            cfg.classifier.max_adapters)
+        self._batch = batched(self._classify, cfg.classifier)
+
+    async def _classify(self, names: list[str], texts: list[str], pairs: list[str | None]) -> list[Any]:
+        # The classifier can come from the body, so one batch may mix classifiers: group them.
+        out: list[Any] = [None] * len(texts)
+        for name in dict.fromkeys(names):
+            idx = [i for i, n in enumerate(names) if n == name]
+            try:
+                await self.get_classifier(name)
+                rows: list[Any] = await self.thread.run(self.engine.classify, name, [texts[i] for i in idx],
+                                                        [pairs[i] for i in idx])
+            except RayMedError as exc:
+                rows = [exc] * len(idx)
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = row
+        return out
+
+    async def classify(self, name: str, req: ClassifyRequest) -> dict[str, Any]:
+        return raise_if_error(await self._batch(name, req.text, req.text_pair))

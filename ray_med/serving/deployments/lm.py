@@ -1,0 +1,68 @@
+"""The causal-LM deployment: QA in three modes, generation and chat, with LoRA adapters per request.
+
+Top-token QA is dynamically batched (one adapter per batch: Serve splits batches by the
+multiplexed model id); chain-of-thought QA and generation run one request at a time.
+Requests arrive as the gateway's typed request bodies and leave as typed results; a
+library error is raised and reaches the gateway as itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from ray_med.data import read_records
+from ray_med.evaluation.qa import QAResult
+from ray_med.serving.config import ServeAppConfig
+from ray_med.serving.deployments.replica import ComputeThread, adapter_cache, batched, raise_if_error
+from ray_med.serving.engines import Generation, LMEngine
+from ray_med.serving.schemas import ChatRequest, GenerateRequest, QARequest
+from ray_med.tasks.prompts import QAItem, item_from_record
+
+
+def _shots(cfg: ServeAppConfig) -> list[QAItem]:
+    if cfg.qa.shots <= 0:
+        return []
+    return [item_from_record(r) for r in read_records(cfg.shots_format, cfg.shots_file).records]
+
+
+@serve.deployment(name="LMServer")
+class LMServer:
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.cfg = cfg
+        self.thread = ComputeThread(cfg.lm)
+        self.engine = LMEngine(cfg.model, cfg.adapters, qa=cfg.qa, shots=_shots(cfg))
+        self.get_adapter = adapter_cache(self.thread, self.engine.load_adapter, self.engine.unload_adapter,
+                                         cfg.lm.max_adapters)
+        self._top_token_batch = batched(self._top_token, cfg.lm)
+
+    async def _adapter(self) -> str | None:
+        name = serve.get_multiplexed_model_id() or None
+        if name:
+            await self.get_adapter(name)
+        return name
+
+    async def _top_token(self, prompts: list[list[int]], choices: list[list[str]]) -> list[Any]:
+        adapter = await self._adapter()
+        return await self.thread.run(self.engine.top_token, prompts, choices, adapter)
+
+    async def qa(self, req: QARequest) -> QAResult:
+        cfg = self.engine.qa_config(mode=req.mode, n=req.n, temperature=req.temperature, seed=req.seed)
+        item = QAItem(id="request", question=req.question, context=req.context, options=req.options)
+        prompt = (await self.thread.run(self.engine.qa_prompts, [item], cfg))[0]
+        if cfg.mode == "top_token":
+            return raise_if_error(await self._top_token_batch(prompt, item.choices))
+        adapter = await self._adapter()
+        return await self.thread.run(self.engine.chain_of_thought, prompt, item.choices, cfg, adapter)
+
+    async def generate(self, req: GenerateRequest) -> Generation:
+        adapter = await self._adapter()
+        return await self.thread.run(self.engine.complete, req.prompt, max_new_tokens=req.max_new_tokens,
+                                     temperature=req.temperature, seed=req.seed, adapter=adapter)
+
+    async def chat(self, req: ChatRequest, max_new_tokens: int) -> Generation:
+        adapter = await self._adapter()
+        prompt = self.engine.chat_prompt([m.model_dump() for m in req.messages])
+        return await self.thread.run(self.engine.complete, prompt, max_new_tokens=max_new_tokens,
+                                     temperature=req.temperature, seed=req.seed or 0, adapter=adapter)

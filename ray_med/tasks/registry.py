@@ -1,0 +1,104 @@
+"""The task registry: every task ray_med knows, by name, in one table.
+
+A :class:`Task` says what a task reads (a reader format and the record fields it feeds
+the model), what it predicts (a label space and a type), how a language model is asked
+(a prompt style, for tasks an LM answers) and which metric ranks models on it. The same
+entry serves a classifier head (``jobs/finetune.py``, ``evaluate.py classify``) and an LM
+prompt (``evaluate.py qa``, ``/v1/qa``): PubMedQA is one task whichever way it is solved.
+
+Adding a task is one :class:`Task` line in :data:`TASKS` (or :func:`register_task` from
+another module, for tasks that live with their own code).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Literal
+
+from ray_med.errors import ConfigError
+
+TaskType = Literal["binary", "multiclass", "multilabel"]
+PromptStyle = Literal["mcq", "yesno"]
+"""How an LM is asked: ``mcq`` lists lettered options, ``yesno`` asks yes/no/maybe."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a task reads and predicts, and how a model is asked and scored."""
+
+    name: str
+    reader: str
+    """Reader format of its data files (``ray_med.data.READERS``)."""
+    task_type: TaskType
+    text: str
+    """Record field (or ``meta.<key>``) for the first text."""
+    text_pair: str | None
+    """Record field for the second text (the context), if the task has one."""
+    label_field: Literal["answer", "label", "labels"]
+    labels: tuple[str, ...] | None = None
+    """The label space; None: the classes in the data with at least ``min_count`` examples."""
+    min_count: int = 1
+    ordinal: bool = False
+    """Ordered buckets (length of stay): AUROC is one-vs-one."""
+    prompt: PromptStyle | None = None
+    """How a causal LM is asked (``ray_med.tasks.prompts``); None: heads only."""
+    metric: str = "auroc_macro"
+    """The headline metric: what early stopping, sweeps and the run index rank by."""
+    description: str = ""
+    """One line for listings and ``--help``."""
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("medqa", "medqa", "multiclass", "question", None, "answer", None, prompt="mcq", metric="accuracy",
+             description="MedQA (USMLE): a question with lettered options -> the letter"),
+        Task("medmcqa", "medmcqa", "multiclass", "question", None, "answer", ("A", "B", "C", "D"), prompt="mcq",
+             metric="accuracy", description="MedMCQA: a question with options A-D -> the letter"),
+        Task("pubmedqa", "pubmedqa", "multiclass", "question", "context", "answer", ("yes", "no", "maybe"),
+             prompt="yesno", description="PubMedQA reasoning-required: question + abstract -> yes/no/maybe"),
+        Task("pubmedqa_rf", "pubmedqa", "multiclass", "question", "meta.long_answer", "answer",
+             ("yes", "no", "maybe"), prompt="yesno",
+             description="PubMedQA reasoning-free: question + long answer -> yes/no/maybe"),
+        Task("mtsamples_specialty", "mtsamples", "multiclass", "text", None, "label", None, min_count=10,
+             description="MTSamples: transcription -> medical specialty (classes with >= 10 notes)"),
+        Task("mimic_mor", "mimic_outcomes", "binary", "text", None, "label", ("0", "1"),
+             description="MIMIC outcome CSV: admission note -> in-hospital mortality"),
+        Task("mimic_pmv", "mimic_outcomes", "binary", "text", None, "label", ("0", "1"),
+             description="MIMIC outcome CSV: note -> prolonged mechanical ventilation"),
+        Task("mimic_los", "mimic_outcomes", "multiclass", "text", None, "label", ("0", "1", "2", "3"),
+             ordinal=True, description="MIMIC outcome CSV: note -> length-of-stay bucket (ordinal)"),
+        Task("mimic_diag", "mimic_outcomes", "multilabel", "text", None, "labels", None,
+             description="MIMIC outcome CSV: note -> ICD-9 diagnoses (multi-label)"),
+        Task("mimic_proc", "mimic_outcomes", "multilabel", "text", None, "labels", None,
+             description="MIMIC outcome CSV: note -> ICD-9 procedures (multi-label)"),
+    ]
+}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task to the registry (a name may be registered once)."""
+    if task.name in TASKS and TASKS[task.name] != task:
+        raise ConfigError(f"task {task.name!r} is already registered")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``, or a clear error listing the valid ones."""
+    if name not in TASKS:
+        close = difflib.get_close_matches(name, list(TASKS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown task '{name}'.{hint} Valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def prompt_formats() -> tuple[str, ...]:
+    """Reader formats an LM can be asked in (``evaluate.py qa --format``)."""
+    return tuple(dict.fromkeys(t.reader for t in TASKS.values() if t.prompt))
+
+
+def task_for_format(fmt: str) -> Task | None:
+    """The default LM task of a reader format: the first task with a prompt that reads it."""
+    return next((t for t in TASKS.values() if t.reader == fmt and t.prompt), None)

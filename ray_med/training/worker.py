@@ -1,0 +1,115 @@
+"""What every Ray Train worker shell needs: its rank, a process group, and the loop's Ray callables.
+
+The training loop (:mod:`ray_med.training.loop`) knows nothing of Ray; a worker function
+hands it the callables built here: ``report`` is ``ray.train.report`` (a barrier: every
+rank calls it at the same steps), ``checkpoint_dir`` turns a save into a Ray Train
+checkpoint, ``latest_checkpoint`` opens the one a restarted or resubmitted run resumes
+from, and ``reduce_mean`` averages a number over the ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from ray_med.training.loop import LoopState
+
+STATE_FILE = "train_state.json"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    world: int
+    local_rank: int
+
+
+def worker_info() -> WorkerInfo:
+    """This worker's rank, the world size and its local rank (0, 1, 0 in local mode)."""
+    ctx = ray.train.get_context()
+    return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
+
+
+def ensure_process_group() -> None:
+    """A one-process gloo group when Ray Train made none (local mode), for code that needs one (DeepSpeed)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver and the job logs).
+
+    Not ``print``: Ray Train patches ``print`` on its workers to go through its logger,
+    which writes each line to the driver twice.
+    """
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def reduce_mean(world: int) -> Callable[[float], float]:
+    """Average a number over the ranks (every rank must call it at the same point)."""
+    if world == 1:
+        return float
+
+    def mean(value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0]) / world
+
+    return mean
+
+
+def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
+    """``ray.train.report``, naming a checkpoint folder after its step."""
+    name = f"checkpoint_step{int(metrics.get('step', 0)):07d}" if checkpoint is not None else None
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+class RayCheckpoints:
+    """Checkpoints as Ray Train checkpoints, for the loop's ``save`` and ``load``.
+
+    ``saver(write)`` calls ``write(folder)`` on every rank, adds the loop state from rank
+    0, and yields a Ray checkpoint for ``report``; ``loader(read)`` opens the checkpoint a
+    restarted or resubmitted run resumes from, calls ``read(folder)`` and returns its loop
+    state (None for a fresh start).
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def saver(self, write: Callable[[Path], None]) -> Callable[[LoopState], Any]:
+        @contextlib.contextmanager
+        def save(state: LoopState) -> Iterator[Any]:
+            with tempfile.TemporaryDirectory() as tmp:
+                write(Path(tmp))
+                if self.rank == 0:
+                    data = state.to_dict()
+                    (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": data.pop("history"), "state": data}))
+                yield ray.train.Checkpoint.from_directory(tmp)
+
+        return save
+
+    def loader(self, read: Callable[[Path], None]) -> Callable[[], LoopState | None]:
+        def load() -> LoopState | None:
+            checkpoint = ray.train.get_checkpoint()
+            if checkpoint is None:
+                return None
+            with checkpoint.as_directory() as d:
+                read(Path(d))
+                saved = json.loads((Path(d) / STATE_FILE).read_text())
+                return LoopState.from_dict({**saved["state"], "history": saved["history"]})
+
+        return load
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        report(metrics, checkpoint)
