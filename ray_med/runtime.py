@@ -85,6 +85,7 @@ def setup_logging(level: str = "INFO") -> None:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA) for a reproducible run."""
+    # lazy: this module holds RuntimeConfig, which every job config parses without torch
     import numpy as np
     import torch
 
@@ -131,7 +132,7 @@ class Storage:
 
     def filesystem(self) -> tuple[Any, str]:
         """(pyarrow filesystem, path inside it). Created lazily: remote ones may touch the network."""
-        import pyarrow.fs as pafs
+        import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
 
         if self.is_local:
             return pafs.LocalFileSystem(), self.uri
@@ -183,7 +184,7 @@ class Storage:
             path.mkdir(parents=True, exist_ok=True)
             yield path
             return
-        import pyarrow.fs as pafs
+        import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
 
         tmp = Path(tempfile.mkdtemp(prefix="ray_med-"))
         try:
@@ -259,7 +260,7 @@ def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:
     Without either, a local Ray starts with ``address="local"``: a bare ``ray.init()``
     would silently attach to any cluster a ``ray start`` left running on this machine.
     """
-    import ray
+    import ray  # lazy: every job config imports this module; Ray loads when a job connects
 
     if ray.is_initialized():
         return ray.cluster_resources()
@@ -282,7 +283,7 @@ def ray_get(refs: Any, *, timeout: float | None = None) -> Any:
     missing file on the worker) reaches the driver wrapped in ``RayTaskError`` with the
     remote traceback; the job should print the one-line message instead.
     """
-    import ray
+    import ray  # lazy: as in init_ray
 
     try:
         return ray.get(refs, timeout=timeout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +50,7 @@ class CorpusConfig:
 
     def check(self) -> None:
         """Fail fast, before any cluster work, on an unknown reader or a missing file."""
+        # lazy: the readers load numpy and pyarrow; a job config parses without them
         from ray_med.data.readers import READERS
 
         if not self.sources:
@@ -91,8 +93,6 @@ def _package_path(uri: str) -> Path:
     Lets a config name data that ships inside a package (and so exists offline, on
     every machine the job's environment is installed on) without a machine-specific path.
     """
-    import importlib.util
-
     package, _, rest = uri[len("pkg://") :].partition("/")
     spec = importlib.util.find_spec(package) if package else None
     if spec is None or not spec.submodule_search_locations:

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ray_med.data.policy import OnError, RecordErrors
 from ray_med.data.records import ARROW_SCHEMA, Record, encode_png
@@ -511,9 +513,6 @@ def read_parquet(
     Any other file is a text corpus: ``text_field`` and ``id_field`` as for JSONL, rows
     numbered from 1.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     _check_str_option("parquet", "text_field", text_field)
     _check_str_option("parquet", "id_field", id_field, optional=True)
     try:
@@ -541,8 +540,6 @@ def _parquet_rows(pfile: Any, path: str, columns: list[str] | None) -> Iterator[
 
     Batches, so a large corpus is never one Python list of rows.
     """
-    import pyarrow as pa
-
     n = 0
     try:
         for batch in pfile.iter_batches(columns=columns):

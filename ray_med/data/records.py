@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
 
 from ray_med.errors import DataError
 
@@ -119,8 +120,6 @@ def arrow_to_records(table: pa.Table) -> list[Record]:
 
 def encode_png(array: np.ndarray) -> bytes:
     """Encode a uint8 grey (H, W) or RGB (H, W, 3) array as PNG bytes."""
-    from PIL import Image
-
     if array.dtype != np.uint8:
         raise DataError(f"images must be uint8, got {array.dtype}")
     if array.ndim == 3 and array.shape[-1] == 1:
@@ -137,8 +136,6 @@ def decode_image(data: bytes, *, what: str = "image") -> np.ndarray:
 
     ``what`` names the input in the error message (a file and record, or a request field).
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
 
@@ -41,8 +42,6 @@ def macro_auroc(
     ``scores``: (n, K) class probabilities (binary: K=2, column 1 is used), or (n, L)
     per-label sigmoid probabilities for multi-label.
     """
-    from sklearn.metrics import roc_auc_score
-
     y_true = np.asarray(y_true)
     scores = np.asarray(scores, dtype=np.float64)
     if task == "binary":
@@ -73,8 +72,6 @@ def macro_auroc(
 
 def _ovo_auroc(y_true: np.ndarray, scores: np.ndarray, present: np.ndarray) -> float:
     """Hand & Till one-vs-one: mean over class pairs of the two directed pairwise AUROCs."""
-    from sklearn.metrics import roc_auc_score
-
     pairs = []
     for a_i, a in enumerate(present):
         for b in present[a_i + 1 :]:
@@ -86,8 +83,6 @@ def _ovo_auroc(y_true: np.ndarray, scores: np.ndarray, present: np.ndarray) -> f
 
 
 def _point_metrics(y_true: np.ndarray, scores: np.ndarray, task: TaskType, ordinal: bool) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, average_precision_score, f1_score
-
     auroc = macro_auroc(y_true, scores, task, ordinal=ordinal)
     out = {"auroc_macro": auroc.value}
     if task == "multilabel":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 def perplexity(total_nll: float, tokens: int) -> float:
@@ -54,8 +55,6 @@ def lm_nll(forward: Callable[[Any], Any], blocks: np.ndarray, *, batch_size: int
     each block predicts its ``seq_len - 1`` next tokens. The in-training evaluation and
     ``jobs/evaluate.py perplexity`` both call this, so their numbers agree.
     """
-    import torch
-
     acc = PerplexityAccumulator()
     with torch.no_grad():
         for start in range(0, len(blocks), batch_size):

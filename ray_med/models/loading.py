@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from ray_med.errors import ModelError
 from ray_med.models.config import ModelConfig
 from ray_med.models.presets import build_model
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TRUE = {"1", "true", "yes", "on"}
@@ -97,16 +103,12 @@ def _from_pretrained(loader: Any, path_or_id: str, what: str, **kwargs: Any) -> 
 
 def load_config(path_or_id: str | Path) -> PreTrainedConfig:
     """The transformers config of a model folder or hub id, without loading weights."""
-    from transformers import AutoConfig
-
     src = _check_folder(path_or_id, need=_MODEL_FILES, what="model")
     return _from_pretrained(AutoConfig, src, "model config")
 
 
 def load_causal_lm(path_or_id: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """A causal LM (``AutoModelForCausalLM``) from a folder or hub id."""
-    from transformers import AutoModelForCausalLM
-
     src = _check_folder(path_or_id, need=_MODEL_FILES, what="model")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model, info = _from_pretrained(AutoModelForCausalLM, src, "causal LM", output_loading_info=True, **kwargs)
@@ -125,8 +127,6 @@ def load_causal_lm(path_or_id: str | Path, *, dtype: torch.dtype | None = None) 
 
 def load_encoder(path_or_id: str | Path, *, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """An encoder (BERT-family, ViT, ...) from a folder or hub id, without a task head (``AutoModel``)."""
-    from transformers import AutoModel
-
     src = _check_folder(path_or_id, need=_MODEL_FILES, what="model")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     return _from_pretrained(AutoModel, src, "encoder", **kwargs)
@@ -140,8 +140,6 @@ def load_base_model(path_or_id: str | Path, *, dtype: torch.dtype | None = None)
 
 def load_tokenizer(path_or_id: str | Path) -> PreTrainedTokenizerBase:
     """A tokenizer (``AutoTokenizer``) from a folder or hub id."""
-    from transformers import AutoTokenizer
-
     src = _check_folder(path_or_id, need=_TOKENIZER_FILES, what="tokenizer")
     return _from_pretrained(AutoTokenizer, src, "tokenizer")
 

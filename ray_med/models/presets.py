@@ -44,7 +44,7 @@ class Preset:
 
 def _llama(**shape: Any) -> Callable[..., PreTrainedConfig]:
     def make(*, vocab_size: int | None = None) -> PreTrainedConfig:
-        from transformers import LlamaConfig
+        from transformers import LlamaConfig  # lazy: the preset table is read while a config parses
 
         kwargs = dict(shape)
         if vocab_size is not None:
@@ -55,7 +55,7 @@ def _llama(**shape: Any) -> Callable[..., PreTrainedConfig]:
 
 
 def _tiny_vit(*, num_labels: int | None = None) -> PreTrainedConfig:
-    from transformers import ViTConfig
+    from transformers import ViTConfig  # lazy: as above
 
     cfg = ViTConfig(
         image_size=28, patch_size=7, num_channels=1, hidden_size=64, num_hidden_layers=2,
@@ -67,7 +67,7 @@ def _tiny_vit(*, num_labels: int | None = None) -> PreTrainedConfig:
 
 
 def _tiny_bert(*, vocab_size: int | None = None, num_labels: int | None = None) -> PreTrainedConfig:
-    from transformers import BertConfig
+    from transformers import BertConfig  # lazy: as above
 
     cfg = BertConfig(
         vocab_size=vocab_size or 2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -170,6 +170,7 @@ def build_model(
     ``ViTForImageClassification`` when ``num_labels`` is given; ``tiny-bert`` likewise
     becomes ``BertModel`` or ``BertForSequenceClassification``.
     """
+    # lazy: torch and transformers load only when a model is built, not when a config is checked
     import torch
     from transformers import (
         AutoModel,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from ray_med.errors import ModelError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 # This order gives pad=0, bos=1, eos=2: Llama's default bos/eos ids, so the tiny-llama
@@ -40,9 +39,6 @@ def train_bpe_tokenizer(
     ``model_max_length`` is only the length above which transformers warns: documents
     are tokenized whole and then packed into the model's sequence length.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if isinstance(texts, str):
         raise ModelError("train_bpe_tokenizer takes an iterable of texts, not one string; wrap it in a list")
     if vocab_size < _MIN_VOCAB:

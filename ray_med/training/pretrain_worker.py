@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ray_med.adapters.config import AdapterConfig
 from ray_med.adapters.registry import get_method
-from ray_med.evaluation import lm_nll
+from ray_med.evaluation.perplexity import lm_nll
 from ray_med.models import build_or_load, count_parameters, save_pretrained
 from ray_med.models.config import ModelConfig
 from ray_med.runtime import Storage, seed_everything

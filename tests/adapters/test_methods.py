@@ -9,7 +9,7 @@ import torch
 
 from ray_med.adapters.config import AdapterConfig
 from ray_med.adapters.registry import METHODS, peft_config
-from ray_med.evaluation import lm_nll
+from ray_med.evaluation.perplexity import lm_nll
 from ray_med.models import build_model, count_parameters
 
 

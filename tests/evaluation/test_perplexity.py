@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ray_med.evaluation import PerplexityAccumulator, perplexity
+from ray_med.evaluation.perplexity import PerplexityAccumulator, perplexity
 
 
 def test_perplexity_of_uniform_model_is_vocab_size() -> None:
