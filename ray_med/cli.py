@@ -19,6 +19,7 @@ from pathlib import Path
 from ray_med.config import describe, load_config, to_yaml
 from ray_med.errors import ConfigError, RayMedError
 from ray_med.registry import JOBS, JobSpec, execute, get_job, subcommands
+from ray_med.runtime import quiet_logs
 
 EXIT_USER_ERROR = 2
 
@@ -88,6 +89,7 @@ def run_job(argv: Sequence[str] | None, name: str, *, prog: str | None = None, d
         if args.print_config:
             print(to_yaml(cfg), end="")
             return 0
+        quiet_logs()
         execute(spec, cfg, overrides=overrides)
     except RayMedError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -252,6 +252,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Quieter third-party output, through the settings those libraries offer: weight-loading
+# progress bars off, and Ray Data's console at WARNING (its INFO stays in ray-data.log).
+# Set (unless the user set them) before a job imports Ray Data; Ray's processes on this
+# machine inherit them.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),
+}
+
+
+def quiet_logs() -> None:
+    """Apply :data:`QUIET_ENV` to this process (a user's own settings win)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+_EMBEDDED: list[bool] = []
+
+
+def embedded_ray() -> bool:
+    """Whether this process started the Ray it uses (an embedded local Ray that ends with it)."""
+    return bool(_EMBEDDED)
+
 
 def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:
     """Connect to a Ray cluster, or start an embedded local one; return its resources.
@@ -272,7 +295,19 @@ def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:
     else:
         num_cpus = runtime.num_cpus or os.cpu_count() or 1
         log.info("starting an embedded local Ray with %d CPUs", num_cpus)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # Nothing on one machine is preempted: Ray Train's preemption watcher (on by
+        # default, right for clusters of spot nodes) would only log about itself.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner
+        # polls; without it the cleaner logs a warning every few seconds. Local only.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 logging_level=logging.WARNING)
+        _EMBEDDED.append(True)
+    import ray.data  # lazy: as above
+
+    # Ray Data's tasks and actors (the split coordinator of a Train shard) log their
+    # progress (INFO, kept in ray-data.log) instead of drawing tqdm bars into job logs.
+    ray.data.DataContext.get_current().use_ray_tqdm = False
     return ray.cluster_resources()
 
 

@@ -37,7 +37,7 @@ ALLOWED: dict[str, set[str]] = {
     # The application: the job table, the command line, the pipeline of jobs.
     "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "pipeline"} | CORE,
     "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving"} | CORE,
-    "cli": BASE | {"registry"},
+    "cli": BASE | {"runtime", "registry"},
 }
 # The only modules that import Ray (at module level); DeepSpeed only in the pretraining worker.
 RAY_EDGES = {

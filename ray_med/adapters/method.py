@@ -7,7 +7,9 @@ them PEFT's injection and loading; a method with its own layers (M3OE) overrides
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -46,20 +48,31 @@ class AdapterMethod:
         import peft  # lazy: peft imports torch and transformers; configs parse without them
 
         pcfg = self.peft_config(cfg, task_type, getattr(model, "config", None))
-        if isinstance(model, peft.PeftModel):
-            model.add_adapter(adapter_name, pcfg)
-            return model
-        return peft.get_peft_model(model, pcfg, adapter_name=adapter_name)
+        with _peft_quietly():
+            if isinstance(model, peft.PeftModel):
+                model.add_adapter(adapter_name, pcfg)
+                return model
+            return peft.get_peft_model(model, pcfg, adapter_name=adapter_name)
 
     def load(self, model: Any, folder: str | Path, *, adapter_name: str = "default", trainable: bool = False) -> Any:
         """``model`` with the adapter saved in ``folder`` added as ``adapter_name``."""
         import peft  # lazy: peft imports torch and transformers; configs parse without them
 
         try:
-            if isinstance(model, peft.PeftModel):
-                model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=trainable)
-                return model
-            return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
-                                                  is_trainable=trainable)
+            with _peft_quietly():
+                if isinstance(model, peft.PeftModel):
+                    model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=trainable)
+                    return model
+                return peft.PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name,
+                                                      is_trainable=trainable)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot load adapter {folder} onto the base model: {exc}") from None
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing`` (a version mismatch between
+    the two libraries, not a problem of ours): silence that one warning, nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

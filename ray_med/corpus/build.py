@@ -26,7 +26,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from ray.data.aggregate import Count, Sum
-from tqdm import tqdm
 
 from ray_med.corpus.config import CorpusJobConfig, CorpusOutputs
 from ray_med.corpus.report import format_report, print_corpus
@@ -72,17 +71,15 @@ def read_corpus(cfg: CorpusConfig, ctx: RunContext | None = None) -> dict[str, S
     paths = {s.name: cfg.resolve(s) for s in cfg.sources}
     pending = {_read_source.remote(s, paths[s.name]): s for s in cfg.sources}
     out: dict[str, SourceData] = {}
-    with tqdm(total=len(pending), desc="reading sources", unit="source") as bar:
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            source = pending.pop(ref)
-            table, skipped, reasons = ray_get(ref)
-            data = SourceData(source=source, path=paths[source.name], table=table, skipped=skipped, reasons=reasons)
-            if ctx is not None:
-                data.parquet = _write_parquet(ctx, f"corpus/{source.name}.parquet", table)
-            out[source.name] = data
-            bar.set_postfix_str(f"{source.name}: {table.num_rows} records")
-            bar.update(1)
+    while pending:
+        [ref], _ = ray.wait(list(pending), num_returns=1)
+        source = pending.pop(ref)
+        table, skipped, reasons = ray_get(ref)
+        data = SourceData(source=source, path=paths[source.name], table=table, skipped=skipped, reasons=reasons)
+        if ctx is not None:
+            data.parquet = _write_parquet(ctx, f"corpus/{source.name}.parquet", table)
+        out[source.name] = data
+        log.info("read %s: %d records%s", source.name, table.num_rows, f", {skipped} skipped" if skipped else "")
     # Keep the config's order, not the completion order.
     return {s.name: out[s.name] for s in cfg.sources}
 

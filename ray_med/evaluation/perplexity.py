@@ -58,7 +58,7 @@ def lm_nll(forward: Callable[[Any], Any], blocks: np.ndarray, *, batch_size: int
     acc = PerplexityAccumulator()
     with torch.no_grad():
         for start in range(0, len(blocks), batch_size):
-            ids = torch.as_tensor(blocks[start : start + batch_size], dtype=torch.long, device=device)
+            ids = torch.tensor(blocks[start : start + batch_size], dtype=torch.long, device=device)  # a copy: blocks may be read-only
             out = forward(ids)
             logits = getattr(out, "logits", out).float()
             # Prompt-learning adapters (prompt tuning, P-tuning) prepend virtual tokens and

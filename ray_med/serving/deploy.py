@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from ray.serve.schema import ServeDeploySchema
 from ray_med.data import read_records
 from ray_med.data.config import resolve_path
 from ray_med.errors import ConfigError
-from ray_med.runtime import RunContext, free_port, init_ray
+from ray_med.runtime import RunContext, embedded_ray, free_port, init_ray
 from ray_med.serving.app import build_app
 from ray_med.serving.client import demo_requests, print_serve_check
 from ray_med.serving.config import ServeCheckConfig, ServeCheckOutputs
@@ -62,18 +63,31 @@ def write_serve_config(config: dict[str, Any], path: str | Path) -> Path:
 
 @contextlib.contextmanager
 def running(config: dict[str, Any], *, port: int | None = None) -> Iterator[str]:
-    """Run a Serve config's first application on the connected Ray; yield its base URL, then shut Serve down."""
+    """Run a Serve config's first application on the connected Ray; yield its base URL, then stop it.
+
+    The config's ``logging_config`` (Serve's own setting) applies to Serve's controller and
+    proxy and to the Serve logger of this process. When this process started the Ray it
+    uses, Serve is left to end with it: ``serve.shutdown()`` makes Serve's controller kill
+    itself mid-task, which Ray reports as a failed task.
+    """
     app_cfg = config["applications"][0]
     http = dict(config.get("http_options") or {})
     http["host"] = "127.0.0.1"
     http["port"] = port or free_port()
-    serve.start(http_options=http)
+    logging_config = config.get("logging_config") or {}
+    if "log_level" in logging_config:
+        logging.getLogger("ray.serve").setLevel(logging_config["log_level"])
+    serve.start(http_options=http, logging_config=logging_config or None)
+    name = app_cfg.get("name", "ray_med")
     try:
-        serve.run(build_app(app_cfg.get("args", {})), name=app_cfg.get("name", "ray_med"),
-                  route_prefix=app_cfg.get("route_prefix", "/"))
+        serve.run(build_app(app_cfg.get("args", {})), name=name, route_prefix=app_cfg.get("route_prefix", "/"),
+                  logging_config=logging_config or None)
         yield f"http://127.0.0.1:{http['port']}"
     finally:
-        serve.shutdown()
+        if embedded_ray():
+            serve.delete(name)
+        else:
+            serve.shutdown()
 
 
 def run_serve_check(cfg: ServeCheckConfig, ctx: RunContext) -> ServeCheckOutputs:

@@ -74,7 +74,7 @@ def train_classifier(
         else max(0.0, (total - s) / max(1, total - cfg.warmup_steps)),
     )
     runner = wrap(model) if wrap is not None else model
-    y_train = torch.as_tensor(train.y)
+    y_train = torch.tensor(train.y)  # a copy: the labels may arrive read-only from the object store
     bce = task_type == "multilabel" or cfg.loss == "bce"
     best: dict[str, torch.Tensor] = {}
 

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray.data
 
 from ray_med.adapters.config import AdapterConfig
 from ray_med.corpus.build import read_corpus, to_ray_dataset
@@ -135,8 +134,6 @@ def train_lm(cfg: PretrainConfig, ctx: RunContext, *, adapter: AdapterConfig | N
     if cfg.model.path and cfg.tokenizer.path:
         raise ConfigError("tokenizer.path is for presets: the model at model.path brings its own tokenizer")
     init_ray(cfg.run)
-    # Per-operator progress bars from every worker's shard drown the training log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     train_ds, eval_blocks, tokenizer, stats = prepare_data(cfg, ctx)
     for source, st in stats.items():
         log.info("source %s: %d train sequences, %d in the mixture (%.1f%%), %d held-out sequences",

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import numpy as np
 import ray.train
 import torch
@@ -121,6 +120,11 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     0's to the driver as ``Result.return_value``.
     """
     spec: WorkerSpec = config["spec"]
+    # DeepSpeed reads DS_ACCELERATOR when it is imported (otherwise it guesses, and says so).
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.use_gpu else "cpu")
+    # lazy: only workers run DeepSpeed; the driver and Ray Data's tasks import this module too
+    import deepspeed
+
     info = worker_info()
     rank, world = info.rank, info.world
     ensure_process_group()
@@ -221,11 +225,12 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         load=checkpoints.loader(read), reduce_mean=reduce_mean(world), on_step=_fault(spec, rank, world),
         log=say if rank == 0 else lambda _: None,
     )
-    _export(engine, spec, ds.zero_stage, rank, state.history)
+    _export(engine, spec, ds.zero_stage, rank, state.history, deepspeed)
     return state.history
 
 
-def _export(engine: Any, spec: WorkerSpec, zero_stage: int, rank: int, history: list[dict[str, Any]]) -> None:
+def _export(engine: Any, spec: WorkerSpec, zero_stage: int, rank: int, history: list[dict[str, Any]],
+            deepspeed: Any) -> None:
     """Rank 0 writes the HF model (or the adapter), metrics.json and the loss plot (ZeRO-3 gathers first)."""
     params = list(engine.module.parameters())
     gather = (

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ray_med.runtime import RunContext
@@ -54,6 +54,9 @@ def build_trainer(
             storage_path=ctx.storage.uri,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            # Ray Train's own INFO lines (every report with its metrics, every checkpoint,
+            # the worker group's start) stay in its log files; the job prints its progress.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets or {},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),

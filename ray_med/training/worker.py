@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,7 +36,14 @@ class WorkerInfo:
 
 
 def worker_info() -> WorkerInfo:
-    """This worker's rank, the world size and its local rank (0, 1, 0 in local mode)."""
+    """This worker's rank, the world size and its local rank (0, 1, 0 in local mode).
+
+    Also puts the worker's root logger back at WARNING: Ray Train sets it to INFO, and
+    one of Train's own loggers (named after its file, so outside the ``ray.train`` log
+    level the trainer sets) then prints every report with all its metrics. The job
+    prints its progress itself (:func:`say`).
+    """
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
 
