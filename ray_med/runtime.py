@@ -268,12 +268,14 @@ def quiet_logs() -> None:
         os.environ.setdefault(key, value)
 
 
-_EMBEDDED: list[bool] = []
+_embedded = False
 
 
 def embedded_ray() -> bool:
     """Whether this process started the Ray it uses (an embedded local Ray that ends with it)."""
-    return bool(_EMBEDDED)
+    import ray  # lazy: as in init_ray
+
+    return _embedded and ray.is_initialized()
 
 
 def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:
@@ -283,8 +285,11 @@ def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:
     Without either, a local Ray starts with ``address="local"``: a bare ``ray.init()``
     would silently attach to any cluster a ``ray start`` left running on this machine.
     """
-    import ray  # lazy: every job config imports this module; Ray loads when a job connects
+    # lazy: every job config imports this module; Ray loads when a job connects
+    import ray
+    import ray.data
 
+    global _embedded
     if ray.is_initialized():
         return ray.cluster_resources()
     # Ray's own logs stay at WARNING unless asked: the job's progress is what matters here.
@@ -302,9 +307,7 @@ def init_ray(runtime: RuntimeConfig) -> dict[str, Any]:
         # polls; without it the cleaner logs a warning every few seconds. Local only.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  logging_level=logging.WARNING)
-        _EMBEDDED.append(True)
-    import ray.data  # lazy: as above
-
+        _embedded = True
     # Ray Data's tasks and actors (the split coordinator of a Train shard) log their
     # progress (INFO, kept in ray-data.log) instead of drawing tqdm bars into job logs.
     ray.data.DataContext.get_current().use_ray_tqdm = False

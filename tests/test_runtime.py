@@ -82,7 +82,10 @@ class _FakeRay:
     """Stands in for the ray module to check which cluster init_ray asks for, without starting one."""
 
     def __init__(self) -> None:
+        from types import SimpleNamespace
+
         self.calls: list[dict] = []
+        self.data = SimpleNamespace(DataContext=SimpleNamespace(get_current=lambda: SimpleNamespace()))
 
     def is_initialized(self) -> bool:
         return bool(self.calls)
@@ -107,8 +110,12 @@ def test_init_ray_picks_the_cluster(monkeypatch: pytest.MonkeyPatch, env, cfg_ad
 
     from ray_med.runtime import init_ray
 
+    import ray_med.runtime
+
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setitem(sys.modules, "ray.data", fake.data)
+    monkeypatch.setattr(ray_med.runtime, "_embedded", False)  # the fake starts nothing
     if env is None:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
     else:
