@@ -108,9 +108,8 @@ class _FakeRay:
 def test_init_ray_picks_the_cluster(monkeypatch: pytest.MonkeyPatch, env, cfg_address, expected) -> None:
     import sys
 
-    from ray_med.runtime import init_ray
-
     import ray_med.runtime
+    from ray_med.runtime import init_ray
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)

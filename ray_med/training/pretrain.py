@@ -157,11 +157,12 @@ def run_pretrain(cfg: PretrainConfig, ctx: RunContext) -> PretrainOutputs:
     """Run (or resume) continued pretraining; print where the model and metrics went."""
     result, history = train_lm(cfg, ctx)
     model_dir = f"{(cfg.output_dir or ctx.dir).rstrip('/')}/model"
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    # Local mode (num_workers=0) returns no run folder and keeps no checkpoint.
+    checkpoint = result.checkpoint.path if result.checkpoint is not None and result.path else None
     metrics = dict(result.metrics or {})
     print(f"\npretraining finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")
     print(f"model:       {model_dir}  (an HF folder: transformers' AutoModelForCausalLM loads it)")
     print(f"metrics:     {ctx.path('metrics.json')}  plot: {ctx.path('plots', 'loss.png')}")
-    print(f"checkpoint:  {checkpoint}")
+    print(f"checkpoint:  {checkpoint or 'none (scaling.num_workers=0: local mode keeps no checkpoints)'}")
     return PretrainOutputs(run_dir=ctx.dir, model_dir=model_dir, metrics=metrics, checkpoint=checkpoint,
                            history=history)

@@ -127,7 +127,12 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 
     info = worker_info()
     rank, world = info.rank, info.world
-    ensure_process_group()
+    local = ensure_process_group()
+    if local:
+        # DeepSpeed caches its world group per process. Ray Train's local mode destroys the
+        # process group after each run, so a second local run in this process (the
+        # pipeline's pretrain then domain stage) must not reuse the stale one.
+        deepspeed.utils.groups._WORLD_GROUP = None
     torch.set_num_threads(spec.threads)
     seed_everything(spec.seed)
     device = torch.device("cuda", info.local_rank) if spec.use_gpu else torch.device("cpu")
@@ -221,7 +226,8 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     engine.train()
     state = run_loop(
         settings, step=step, batches=batches, evaluate=evaluate if spec.eval_blocks else None, report=report,
-        save=checkpoints.saver(lambda folder: engine.save_checkpoint(str(folder), tag=CKPT_TAG)),
+        # Local mode keeps no checkpoints (Ray Train's local mode has no storage for them).
+        save=None if local else checkpoints.saver(lambda folder: engine.save_checkpoint(str(folder), tag=CKPT_TAG)),
         load=checkpoints.loader(read), reduce_mean=reduce_mean(world), on_step=_fault(spec, rank, world),
         log=say if rank == 0 else lambda _: None,
     )

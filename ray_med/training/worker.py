@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -48,10 +49,18 @@ def worker_info() -> WorkerInfo:
     return WorkerInfo(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank())
 
 
-def ensure_process_group() -> None:
-    """A one-process gloo group when Ray Train made none (local mode), for code that needs one (DeepSpeed)."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+def ensure_process_group() -> bool:
+    """A one-process gloo group when Ray Train made none (local mode), for code that needs one (DeepSpeed).
+
+    DeepSpeed also reads the launcher's variables (``LOCAL_RANK``, ...), which Ray Train's
+    workers have and a local-mode run does not. True when it made the group (local mode).
+    """
+    if dist.is_initialized():
+        return False
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
 
 
 def say(message: str) -> None:

@@ -37,6 +37,7 @@ def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path
         "--config", str(REPO / "jobs/configs/finetune/tiny_domain.yaml"), f"model.path={base}", "model.preset=null",
         f"corpus.root={shared_data}", f"run.storage={tmp_path}/runs", f"output_dir={tmp_path}/domain",
         "lm.max_steps=6", "lm.log_every=2", "eval.every_steps=6", "eval.max_sequences=4",
+        "scaling.num_workers=0",  # Ray Train's local mode; the downstream stage below runs a worker group
     ]) == 0
     domain = tmp_path / "domain" / "adapter"
     assert json.loads((domain / "adapter_config.json").read_text())["peft_type"] == "LORA"

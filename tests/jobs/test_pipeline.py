@@ -32,10 +32,12 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tm
     args = [
         "--config", str(REPO / "jobs/configs/pipeline/tiny.yaml"),
         f"run.storage={tmp_path}", f"corpus.root={shared_data}", "tokenizer.vocab_size=1024",
+        # The training stages run in Ray Train's local mode (in this process): this test is
+        # about the pipeline; worker groups are the job tests' business.
         "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.micro_batch_size=4, "
-        "eval.max_sequences=4, checkpoint.every_steps=4]",
-        "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4]",
-        "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50]",
+        "eval.max_sequences=4, checkpoint.every_steps=4, scaling.num_workers=0]",
+        "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4, scaling.num_workers=0]",
+        "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50, scaling.num_workers=0]",
     ]
     code = _pipeline_main()(args)
     out = capsys.readouterr().out

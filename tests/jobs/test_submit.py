@@ -1,4 +1,9 @@
-"""`ray job submit` of the tiny pretraining job to a local `ray start --head` cluster."""
+"""`ray job submit` of the tiny pretraining job to a local `ray start --head` cluster.
+
+The submitted job trains in Ray Train's local mode (``scaling.num_workers=0``): what is
+tested here is the submission (working directory, runtime env, the head's Python, token
+auth); worker groups, restarts and checkpoints are tests/jobs/test_pretrain.py's.
+"""
 
 from __future__ import annotations
 
@@ -60,7 +65,7 @@ def test_ray_job_submit_pretrain(shared_data: Path, tmp_path: Path) -> None:
              "python", "jobs/pretrain.py", "--config", "jobs/configs/pretrain/tiny.yaml",
              f"corpus.root={shared_data}", f"run.storage={tmp_path}", "run.name=submitted",
              "train.max_steps=4", "train.seq_len=64", "train.log_every=1", "tokenizer.vocab_size=512",
-             "checkpoint.every_steps=2", "eval.every_steps=100", "eval.max_sequences=4",
+             "checkpoint.every_steps=2", "eval.every_steps=100", "eval.max_sequences=4", "scaling.num_workers=0",
         ]
         # The job API answers before the head's dashboard agent registers; until then a
         # submission is refused without starting anything, so retrying is safe.
