@@ -68,4 +68,4 @@ def show_downstream(out: FinetuneOutputs, cached: bool) -> None:
 
 def show_serve(out: ServeCheckOutputs, cached: bool) -> None:
     if cached:
-        print_serve_check(out)
+        print_serve_check(out, cached=True)

@@ -66,10 +66,11 @@ def summarize(row: dict[str, Any]) -> str:
     return json.dumps(r)
 
 
-def print_serve_check(out: Any) -> None:
+def print_serve_check(out: Any, *, cached: bool = False) -> None:
     """Where the app was served, the item asked, one line per endpoint, and the Serve config written."""
     item = out.item
-    print(f"served at {out.url} (PubMedQA {item['id']}: {item['question']!r}, gold answer {item['answer']})")
+    when = "served earlier (not running now)" if cached else "served"
+    print(f"{when} at {out.url} (PubMedQA {item['id']}: {item['question']!r}, gold answer {item['answer']})")
     for row in out.rows:
         print(f"  {row['endpoint']:<22} {summarize(row)}")
     if out.serve_config:
