@@ -80,6 +80,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def lookup(table: Mapping[str, T], name: str, what: str) -> T:
+    """``table[name]``, or a :class:`ConfigError` with the closest valid name and all of them.
+
+    How every registry (jobs, tasks, adapter methods) answers a name it does not know.
+    """
+    if name in table:
+        return table[name]
+    close = difflib.get_close_matches(name, list(table), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown {what} '{name}'.{hint} Valid {what}s: {', '.join(table)}")
+
+
 def format_override(key: str, value: Any) -> str:
     """``key=value`` with the value written so that :func:`parse_override` reads it back unchanged."""
     text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()

@@ -11,7 +11,6 @@ runs, so ``--help`` and a config typo answer without loading torch, DeepSpeed or
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +18,8 @@ from typing import Any
 
 from ray_med import runs
 from ray_med.adapters.report import PeftReportConfig, PeftReportOutputs
+from ray_med.config import lookup
 from ray_med.corpus.config import CorpusJobConfig, CorpusOutputs
-from ray_med.errors import ConfigError
 from ray_med.evaluation.config import ClassifyEvalConfig, EvalOutputs, PerplexityEvalConfig, QAEvalConfig
 from ray_med.pipeline.config import PipelineConfig, PipelineOutputs
 from ray_med.runs import RunsConfig, RunsOutputs
@@ -131,11 +130,7 @@ def execute(spec: JobSpec, cfg: Any, *, overrides: Sequence[str] = (), stage_key
 
 def get_job(name: str) -> JobSpec:
     """The job called ``name``, or a clear error listing the valid ones."""
-    if name not in JOBS:
-        close = difflib.get_close_matches(name, list(JOBS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown job '{name}'.{hint} Valid jobs: {', '.join(JOBS)}")
-    return JOBS[name]
+    return lookup(JOBS, name, "job")
 
 
 def subcommands(group: str) -> dict[str, JobSpec]:

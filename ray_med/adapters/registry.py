@@ -21,14 +21,14 @@ What the rest of ray_med asks a method:
 
 from __future__ import annotations
 
-import difflib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray_med.adapters import adaption_prompt, lora, prefix, prompt, ptuning
 from ray_med.adapters.method import AdapterMethod
-from ray_med.errors import ConfigError, ModelError
+from ray_med.config import lookup
+from ray_med.errors import ModelError
 
 if TYPE_CHECKING:
     from ray_med.adapters.config import AdapterConfig
@@ -42,11 +42,7 @@ METHODS: dict[str, AdapterMethod] = {
 
 def get_method(name: str) -> AdapterMethod:
     """The method called ``name``, or a clear error listing the valid ones."""
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"'adapter.method' must be one of {', '.join(METHODS)}, got {name!r}.{hint}")
-    return METHODS[name]
+    return lookup(METHODS, name, "adapter method")
 
 
 def peft_config(cfg: AdapterConfig, *, task_type: str | None = "CAUSAL_LM", model_config: Any = None) -> Any:

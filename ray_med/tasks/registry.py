@@ -12,10 +12,10 @@ another module, for tasks that live with their own code).
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Literal
 
+from ray_med.config import lookup
 from ray_med.errors import ConfigError
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
@@ -87,11 +87,7 @@ def register_task(task: Task) -> Task:
 
 def get_task(name: str) -> Task:
     """The task called ``name``, or a clear error listing the valid ones."""
-    if name not in TASKS:
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown task '{name}'.{hint} Valid tasks: {', '.join(TASKS)}")
-    return TASKS[name]
+    return lookup(TASKS, name, "task")
 
 
 def prompt_formats() -> tuple[str, ...]:

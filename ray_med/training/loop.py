@@ -99,6 +99,7 @@ class LoopState:
     since_best: int = 0
     stopped_early: bool = False
     finished: bool = False
+    """Set when the loop returns (never inside a checkpoint: a longer rerun continues from it)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,8 +191,6 @@ def run_loop(
         log(f"[{s.name}] resumed from step {state.step} (epoch {state.epoch}, batch {state.batches_in_epoch} "
             "of the epoch)")
     save_cm = save or _no_checkpoint
-    if state.finished:
-        return state
     if evaluate is not None and s.eval_at_start and state.step == 0 and not state.history:
         state.history.append({"step": 0, **_evaluate(evaluate, s, state, log)})
 
@@ -227,7 +226,7 @@ def run_loop(
             state.step += 1
             on_step(state)
             last = steps_done()
-            if (s.log_every and state.step % s.log_every == 0) or (last and s.log_every >= 0):
+            if (s.log_every and state.step % s.log_every == 0) or last:
                 row = _row(s, state, res, reduce_mean(float(res.loss)), window.take())
                 state.history.append(row)
                 log(_progress(s, row))

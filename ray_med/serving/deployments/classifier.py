@@ -1,10 +1,10 @@
-"""The stage-2 classifiers, dynamically batched: as their own deployment, or inside the gateway.
+"""The stage-2 classifiers, dynamically batched: inside the gateway, or as their own deployment.
 
-:class:`ClassifierServer` is the deployment (one classifier per batch: Serve splits
-batches by the multiplexed model id). :class:`LocalClassifiers` is the same engine run
-inside the gateway replica (``classify_in_gateway: true``, the default for encoder-sized
-classifiers: no Ray hop per request); there one batch may mix classifiers, so it groups
-them.
+:class:`Classifiers` runs them: the engine on a compute thread, an adapter cache and a
+dynamic batch that groups requests by classifier. The gateway holds one
+(``classify_in_gateway: true``, the default for encoder-sized classifiers: no Ray hop per
+request); :class:`ClassifierServer` is the same runner as a deployment of its own, for
+classifiers that need their own replicas or GPUs.
 """
 
 from __future__ import annotations
@@ -20,29 +20,8 @@ from ray_med.serving.engines import ClassifierEngine
 from ray_med.serving.schemas import ClassifyRequest
 
 
-@serve.deployment(name="ClassifierServer")
-class ClassifierServer:
-    def __init__(self, cfg: ServeAppConfig) -> None:
-        self.thread = ComputeThread(cfg.classifier)
-        self.engine = ClassifierEngine(cfg.classifiers, max_length=cfg.classify_max_length)
-        self.get_classifier = adapter_cache(self.thread, self.engine.load, self.engine.unload,
-                                            cfg.classifier.max_adapters)
-        self._batch = batched(self._classify, cfg.classifier)
-
-    async def _classify(self, texts: list[str], pairs: list[str | None]) -> list[Any]:
-        name = serve.get_multiplexed_model_id()
-        try:
-            await self.get_classifier(name)
-            return await self.thread.run(self.engine.classify, name, texts, pairs)
-        except RayMedError as exc:
-            return [exc] * len(texts)
-
-    async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
-        return raise_if_error(await self._batch(req.text, req.text_pair))
-
-
-class LocalClassifiers:
-    """The classifiers inside the gateway replica: the same engine, batching and adapter cache."""
+class Classifiers:
+    """The classifiers of a replica: the same engine, batching and adapter cache wherever they run."""
 
     def __init__(self, cfg: ServeAppConfig) -> None:
         self.thread = ComputeThread(cfg.classifier)
@@ -52,7 +31,7 @@ class LocalClassifiers:
         self._batch = batched(self._classify, cfg.classifier)
 
     async def _classify(self, names: list[str], texts: list[str], pairs: list[str | None]) -> list[Any]:
-        # The classifier can come from the body, so one batch may mix classifiers: group them.
+        # In the gateway the classifier comes from the body, so one batch may mix them: group them.
         out: list[Any] = [None] * len(texts)
         for name in dict.fromkeys(names):
             idx = [i for i, n in enumerate(names) if n == name]
@@ -68,3 +47,14 @@ class LocalClassifiers:
 
     async def classify(self, name: str, req: ClassifyRequest) -> dict[str, Any]:
         return raise_if_error(await self._batch(name, req.text, req.text_pair))
+
+
+@serve.deployment(name="ClassifierServer")
+class ClassifierServer:
+    """The classifiers as their own deployment; the gateway names one with the multiplexed model id."""
+
+    def __init__(self, cfg: ServeAppConfig) -> None:
+        self.classifiers = Classifiers(cfg)
+
+    async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
+        return await self.classifiers.classify(serve.get_multiplexed_model_id(), req)

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_med.data.records import decode_image
 from ray_med.errors import DataError
 from ray_med.serving.config import ServeAppConfig
-from ray_med.serving.deployments.classifier import LocalClassifiers
+from ray_med.serving.deployments.classifier import Classifiers
 from ray_med.serving.errors import HTTPError, http_status
 from ray_med.serving.schemas import (
     ChatRequest,
@@ -102,7 +102,7 @@ class Gateway:
         self.lm = lm
         self.classifier = classifier
         self.started = time.time()
-        self.local = LocalClassifiers(cfg) if cfg.classifiers and cfg.classify_in_gateway else None
+        self.local = Classifiers(cfg) if cfg.classifiers and cfg.classify_in_gateway else None
 
     # ---- helpers
 
