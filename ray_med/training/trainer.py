@@ -6,18 +6,31 @@ behaviour: the run's name and storage from :mod:`ray_med.runtime` (a resubmitted
 resumes from its latest checkpoint), ``FailureConfig(max_failures)`` restarts, the
 newest ``checkpoint.keep`` checkpoints kept, gloo on CPU and NCCL on GPU, and
 ``num_workers=0`` for Ray Train's in-process local mode.
+
+A user's mistake that only a worker can see (a :class:`~ray_med.errors.RayMedError`
+raised inside the worker function) must not be retried ``max_failures`` times and then
+surface as a Ray traceback: :func:`build_trainer` wraps every worker so such an error is
+*returned* as a :class:`UserFailure` (Ray Train retries only what a worker raises), and
+:func:`fit` raises it again on the driver, where the job prints it as one line and
+exits 2. This relies on such errors being the same on every rank, which they are:
+they come from the config and the data, and every rank builds the same model and sees
+the same data sizes before its first collective call. What can be checked before any
+worker starts is checked by :mod:`ray_med.training.preflight`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from ray_med import errors
 from ray_med.runtime import RunContext
 from ray_med.training.config import ScalingSettings
 
@@ -32,6 +45,40 @@ def threads_per_worker(s: ScalingSettings) -> int:
     return max(1, int(cpus or os.cpu_count() or 1) // max(1, s.num_workers))
 
 
+@dataclass(frozen=True)
+class UserFailure:
+    """What a worker returns instead of raising a user error: the error's type name, its message and the rank."""
+
+    kind: str
+    message: str
+    rank: int
+
+
+def fail_once(worker: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """``worker`` with user errors returned as a :class:`UserFailure` rather than raised (so not retried)."""
+
+    @functools.wraps(worker)
+    def run(config: dict[str, Any]) -> Any:
+        try:
+            return worker(config)
+        except errors.RayMedError as exc:
+            return UserFailure(type(exc).__name__, str(exc), ray.train.get_context().get_world_rank())
+
+    return run
+
+
+def fit(trainer: TorchTrainer) -> Any:
+    """``trainer.fit()``, raising on the driver the user error a worker returned (the Result otherwise)."""
+    result = trainer.fit()
+    failure = result.return_value
+    if isinstance(failure, UserFailure):
+        kind = getattr(errors, failure.kind, None)
+        if not (isinstance(kind, type) and issubclass(kind, errors.RayMedError)):
+            kind = errors.RayMedError
+        raise kind(failure.message)
+    return result
+
+
 def build_trainer(
     worker: Callable[[dict[str, Any]], Any],
     worker_config: dict[str, Any],
@@ -42,10 +89,13 @@ def build_trainer(
     keep_checkpoints: int = 2,
     datasets: dict[str, Any] | None = None,
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` running ``worker(worker_config)`` on ``scaling.num_workers`` workers."""
+    """A ``TorchTrainer`` running ``worker(worker_config)`` on ``scaling.num_workers`` workers.
+
+    Run it with :func:`fit`, which turns a worker's user error into the driver's.
+    """
     resources = {"CPU": threads, **scaling.resources_per_worker}
     return TorchTrainer(
-        worker,
+        fail_once(worker),
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
