@@ -2,14 +2,19 @@
 
 Measures steady-state tokens/s on the same tiny model and batch for
   (a) a minimal single-process PyTorch loop using all cores (random tokens, AdamW, clipping);
-  (b) the pretraining job with 1 Ray Train worker (DeepSpeed ZeRO-2, Ray Data input);
+  (b) the pretraining job with 1 Ray Train worker (ZeRO-2 asked for; one worker runs stage 0);
   (c) the job with 2 workers and ZeRO-2;
-and reports ratio_1worker = b/a and ratio_2workers = c/a. The job's throughput is wall-clock
-between two logged steps after warmup, so data loading, collectives and the periodic Ray
-Train report are all inside it. Writes bench/results/pretrain_throughput.json and prints
-it as the last line.
+``--repeats`` times, interleaved (a, b, c, a, b, c, ...), and reports for each the median
+with min and max, and the ratios b/a and c/a of each repeat against that repeat's
+baseline (median, min, max). The job's throughput is wall-clock between the first
+logged step after warmup and the last logged step before the final one, so data
+loading, collectives and the periodic Ray Train report are all inside it; the steps
+really measured, and the ZeRO stage each job really used (from its history), are in the
+result. Writes bench/results/pretrain_throughput.json (or --out) and prints it as the
+last line.
 
-    python bench/pretrain_throughput.py [--steps 100] [--warmup 15]
+    python bench/pretrain_throughput.py [--steps 100] [--warmup 15] [--repeats 3]
+    python bench/pretrain_throughput.py --steps 20 --warmup 5 --log-every 5 --out bench/results/pretrain_throughput_small.json
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +57,8 @@ def minimal_loop(steps: int, warmup: int) -> float:
 
 
 def job(
-    num_workers: int, steps: int, warmup: int, storage: str, shared: Path, report_every: int, log_every: int
+    num_workers: int, steps: int, warmup: int, storage: str, shared: Path, report_every: int, log_every: int,
+    name: str, tokenizer: str | None,
 ) -> dict:
     from ray_med.config import load_config
     from ray_med.registry import execute, get_job
@@ -59,7 +66,9 @@ def job(
 
     total = warmup + steps
     cfg = load_config(PretrainConfig, CONFIG, [
-        f"run.storage={storage}", f"run.name=bench-{num_workers}w", f"corpus.root={shared}",
+        # A fresh run name each time: the same name would resume the finished run.
+        f"run.storage={storage}", f"run.name={name}", f"corpus.root={shared}",
+        *([f"tokenizer.path={tokenizer}"] if tokenizer else []),
         f"scaling.num_workers={num_workers}", "deepspeed.zero_stage=2",
         f"train.seq_len={SEQ_LEN}", f"train.micro_batch_size={MICRO_BATCH}", f"tokenizer.vocab_size={VOCAB}",
         f"train.max_steps={total}", f"train.log_every={log_every}", f"train.report_every={report_every}",
@@ -70,37 +79,64 @@ def job(
     # From the first logged step after warmup to the last one before the final step,
     # which also checkpoints and exports.
     logged = sorted(s for s in rows if warmup <= s < total)
+    if len(logged) < 2:
+        raise SystemExit(f"fewer than 2 logged steps in [{warmup}, {total}): raise --steps or lower --log-every")
     first, last = rows[logged[0]], rows[logged[-1]]
     return {
         "tokens_per_s": (last["tokens"] - first["tokens"]) / (last["time"] - first["time"]),
         "steps_measured": logged[-1] - logged[0],
+        "zero_stage": rows[total].get("zero_stage"),
+        "workers": rows[total].get("world"),
         "final_loss": rows[total]["loss"],
     }
+
+
+def spread(values: list[float], digits: int = 1) -> dict:
+    """Median, min and max."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of (baseline, 1 worker, 2 workers)")
     parser.add_argument("--shared-data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--report-every", type=int, default=100, help="train.report_every for the job runs")
     parser.add_argument("--log-every", type=int, default=10, help="train.log_every for the job runs")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "pretrain_throughput.json"))
     args = parser.parse_args(argv)
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3 (the result is a median with its min and max)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     shared = Path(args.shared_data)
 
-    # The baseline runs before Ray starts and again after the jobs; their mean is the
-    # reference, so drift in this machine's speed during the run does not pick a side.
-    a_before = minimal_loop(args.steps, args.warmup)
     import ray
 
+    # Ray stays up for the whole run (idle while the baseline runs), so every repeat sees
+    # the same machine; the repeats interleave, so drift in its speed hits all three alike.
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    runs: dict[str, list[dict]] = {"minimal_loop": [], "job_1worker": [], "job_2workers_zero2": []}
+    tokenizer = None
     with tempfile.TemporaryDirectory() as storage:
-        b = job(1, args.steps, args.warmup, storage, shared, args.report_every, args.log_every)
-        c = job(2, args.steps, args.warmup, storage, shared, args.report_every, args.log_every)
+        for i in range(args.repeats):
+            runs["minimal_loop"].append({"tokens_per_s": minimal_loop(args.steps, args.warmup)})
+            for key, workers in (("job_1worker", 1), ("job_2workers_zero2", 2)):
+                name = f"bench-{workers}w-{i}"
+                runs[key].append(job(workers, args.steps, args.warmup, storage, shared, args.report_every,
+                                     args.log_every, name, tokenizer))
+                # Later runs reuse the first run's tokenizer: the same vocabulary, no retraining.
+                tokenizer = tokenizer or str(Path(storage) / name / "tokenizer")
     ray.shutdown()
-    a_after = minimal_loop(args.steps, args.warmup)
-    a = (a_before + a_after) / 2
+    base = [r["tokens_per_s"] for r in runs["minimal_loop"]]
+
+    def ratios(key: str) -> list[float]:
+        return [r["tokens_per_s"] / a for r, a in zip(runs[key], base, strict=True)]
+
+    def facts(key: str, field: str) -> list:
+        return sorted({r[field] for r in runs[key]})
+
     result = {
         "benchmark": "pretrain_throughput",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
@@ -108,18 +144,25 @@ def main(argv: list[str] | None = None) -> int:
         "model": "tiny-llama",
         "seq_len": SEQ_LEN,
         "micro_batch_size": MICRO_BATCH,
-        "steps_measured": args.steps,
+        "repeats": args.repeats,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "steps_measured": {"minimal_loop": args.steps, "job_1worker": facts("job_1worker", "steps_measured"),
+                           "job_2workers_zero2": facts("job_2workers_zero2", "steps_measured")},
+        "zero_stage_used": {"job_1worker": facts("job_1worker", "zero_stage"),
+                            "job_2workers_zero2": facts("job_2workers_zero2", "zero_stage")},
         "report_every": args.report_every,
         "log_every": args.log_every,
-        "minimal_loop_tokens_per_s": round(a, 1),
-        "minimal_loop_before_after": [round(a_before, 1), round(a_after, 1)],
-        "job_1worker_tokens_per_s": round(b["tokens_per_s"], 1),
-        "job_2workers_zero2_tokens_per_s": round(c["tokens_per_s"], 1),
-        "ratio_1worker": round(b["tokens_per_s"] / a, 3),
-        "ratio_2workers": round(c["tokens_per_s"] / a, 3),
+        "minimal_loop_tokens_per_s": spread(base),
+        "job_1worker_tokens_per_s": spread([r["tokens_per_s"] for r in runs["job_1worker"]]),
+        "job_2workers_zero2_tokens_per_s": spread([r["tokens_per_s"] for r in runs["job_2workers_zero2"]]),
+        "ratio_1worker": spread(ratios("job_1worker"), 3),
+        "ratio_2workers": spread(ratios("job_2workers_zero2"), 3),
+        "per_repeat": {k: [round(r["tokens_per_s"], 1) for r in v] for k, v in runs.items()},
         "python": sys.version.split()[0],
     }
-    out = REPO / "bench" / "results" / "pretrain_throughput.json"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0

@@ -15,17 +15,25 @@ Ray, and measures in one run:
 
 The baselines run in this process while the app is up and idle: throughput right before
 and after the load (averaged), and the single-input latency interleaved with the
-sequential requests, because this machine's speed drifts by ~10% from minute to minute. Writes ``bench/results/serve_load.json`` and prints
-it as one JSON line last.
+sequential requests, because this machine's speed drifts by ~10% from minute to minute.
+
+Single runs vary by more than some of the differences measured, so every measurement is
+repeated (``--repeats``, default 3), each in a fresh process (its own Ray and app), and
+the JSON holds the median, min, max and every run of each metric. ``--ablation`` repeats
+each variant the same way, interleaved (variant 1, 2, ..., then again), so a slow minute
+of the machine does not land on one variant. Writes ``bench/results/serve_load.json``
+(``serve_load_ablation.json``) and prints it as one JSON line last.
 
 The model gets the whole machine in both cases: the in-process baseline uses every core,
 and the app is given ``classifier.num_cpus=<cores>`` (hence as many torch threads).
 
-    python bench/serve_load.py [key=value ...]     # overrides of the Serve app config
+    python bench/serve_load.py [--repeats 3] [key=value ...]     # overrides of the Serve app config
     python bench/serve_load.py classifier.batch_wait_timeout_s=0.01   # e.g. Serve's default wait
     python bench/serve_load.py --ablation          # each tuning undone in turn -> serve_load_ablation.json
+    python bench/serve_load.py --repeats 1 --requests 64 --sequential 10 --out /tmp/s.json   # a quick check
 """
 
+import argparse
 import asyncio
 import json
 import os
@@ -38,6 +46,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 N_REQUESTS, CLIENTS, BATCH, N_SEQUENTIAL = 512, 32, 32, 200
+# The numbers summarised over repeats (median, min, max); the rest are kept per run.
+METRICS = ("throughput_ratio", "served_rps", "in_process_rps_batch32", "p50_overhead_ms", "p99_overhead_ms",
+           "saturation_p50_ms", "saturation_p99_ms", "served_p50_ms", "served_p99_ms", "in_process_p50_ms_batch1")
 NAME = "pubmedqa_rf"
 NAIVE = [
     "classifier.batch_wait_timeout_s=0.01", "classifier.max_concurrent_batches=1", "classify_in_gateway=false",
@@ -97,14 +108,14 @@ class InProcess:
         self.engine = ClassifierEngine({NAME: str(path)})
         self.engine.classify(NAME, ["warm up"], None)
 
-    def rps(self, inputs: list[tuple[str, str]]) -> float:
+    def rps(self, inputs: list[tuple[str, str]], n: int) -> float:
         """Requests/s on batches of 32."""
-        reqs = [inputs[i % len(inputs)] for i in range(N_REQUESTS)]
+        reqs = [inputs[i % len(inputs)] for i in range(n)]
         start = time.perf_counter()
-        for i in range(0, N_REQUESTS, BATCH):
+        for i in range(0, n, BATCH):
             chunk = reqs[i : i + BATCH]
             self.engine.classify(NAME, [t for t, _ in chunk], [p for _, p in chunk])
-        return N_REQUESTS / (time.perf_counter() - start)
+        return n / (time.perf_counter() - start)
 
     def one(self, text: str, pair: str) -> float:
         """Milliseconds for one input."""
@@ -183,33 +194,84 @@ def _pct(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
 
-def ablation() -> int:
-    """Run the benchmark once per ABLATION variant (fresh processes) and collect the key numbers."""
+def summarize(values: list[float]) -> dict[str, object]:
+    """Median, min, max and every run of one metric."""
+    return {"median": round(statistics.median(values), 3), "min": min(values), "max": max(values), "runs": values}
+
+
+def aggregate(runs: list[dict]) -> dict[str, object]:
+    """Every metric of repeated runs as median/min/max; CPU per request as the median per process."""
+    out: dict[str, object] = {k: summarize([r[k] for r in runs]) for k in METRICS}
+    procs = sorted({p for r in runs for p in r["saturation_cpu_ms_per_request"]})
+    cpu = {p: round(statistics.median(r["saturation_cpu_ms_per_request"].get(p, 0.0) for r in runs), 2)
+           for p in procs}
+    out["saturation_cpu_ms_per_request_median"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
+    out["errors"] = sum(r["errors"] for r in runs)
+    return out
+
+
+def run_once(overrides: list[str], args: argparse.Namespace) -> dict:
+    """One measurement in a fresh process (its own Ray and app); its result."""
     import subprocess
 
+    # A single run must not write a results file: the caller writes the summary.
+    env = {**os.environ, "SERVE_LOAD_OUT": os.devnull}
+    cmd = [sys.executable, __file__, "--once", f"--requests={args.requests}", f"--sequential={args.sequential}",
+           "--", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"serve_load: a run failed (exit {proc.returncode}): {' '.join(overrides) or 'tuned'}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def repeated(args: argparse.Namespace) -> int:
+    """``args.repeats`` runs of the configured app; median/min/max per metric -> serve_load.json."""
+    runs = []
+    for i in range(args.repeats):
+        runs.append(run_once(args.overrides, args))
+        print(json.dumps({"repeat": i + 1, **{k: runs[-1][k] for k in METRICS[:5]}}), file=sys.stderr, flush=True)
+    first = runs[0]
+    result = {
+        **{k: first[k] for k in ("benchmark", "model", "inputs", "machine", "overrides", "requests")},
+        "repeats": args.repeats, "summary": "median, min, max over repeats, each a fresh process",
+        **aggregate(runs), "run_results": runs,
+    }
+    out = Path(args.out or REPO / "bench" / "results" / "serve_load.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0 if result["errors"] == 0 else 1
+
+
+def ablation(args: argparse.Namespace) -> int:
+    """Every ABLATION variant ``args.repeats`` times, interleaved; median/min/max of the key numbers per variant."""
+    variants = list(ABLATION.items())[: args.variants or None]
+    runs: dict[str, list[dict]] = {label: [] for label, _ in variants}
+    for i in range(args.repeats):
+        for label, overrides in variants:
+            r = run_once(overrides, args)
+            runs[label].append(r)
+            print(json.dumps({"variant": label, "repeat": i + 1, **{k: r[k] for k in METRICS[:5]}}),
+                  file=sys.stderr, flush=True)
     rows = []
-    for label, overrides in ABLATION.items():
-        # The variants must not overwrite serve_load.json, which holds the tuned run.
-        env = {**os.environ, "SERVE_LOAD_OUT": os.devnull}
-        proc = subprocess.run([sys.executable, __file__, *overrides], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            return proc.returncode
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append({"variant": label, "overrides": overrides, **{k: r[k] for k in (
-            "throughput_ratio", "served_rps", "in_process_rps_batch32", "p50_overhead_ms", "p99_overhead_ms",
-            "saturation_cpu_ms_per_request")}})
-        print(json.dumps(rows[-1]), file=sys.stderr)
-    result = {"benchmark": "serve_load_ablation", "machine": r["machine"], "runs": rows}
-    out = REPO / "bench" / "results" / "serve_load_ablation.json"
+    for label, overrides in variants:
+        agg = aggregate(runs[label])
+        rows.append({"variant": label, "overrides": overrides, **{k: agg[k] for k in METRICS[:5]},
+                     "saturation_cpu_ms_per_request": agg["saturation_cpu_ms_per_request_median"],
+                     "errors": agg["errors"]})
+    machine = runs[variants[0][0]][0]["machine"]
+    result = {"benchmark": "serve_load_ablation", "machine": machine, "repeats": args.repeats,
+              "order": "interleaved: each repeat runs every variant once, in order", "runs": rows}
+    out = Path(args.out or REPO / "bench" / "results" / "serve_load_ablation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0
 
 
-def main(argv: list[str]) -> int:
-    if argv == ["--ablation"]:
-        return ablation()
+def once(overrides: list[str], n_requests: int, n_sequential: int) -> int:
+    """One measurement: deploy, load, sequential requests; writes $SERVE_LOAD_OUT and prints the JSON."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
@@ -220,7 +282,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path, inputs = build_classifier(Path(tmp))
         ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        args = {"classifiers": {NAME: str(path)}, "overrides": [f"classifier.num_cpus={cores}", *argv]}
+        args = {"classifiers": {NAME: str(path)}, "overrides": [f"classifier.num_cpus={cores}", *overrides]}
         config = {"applications": [{"name": "bench", "route_prefix": "/", "args": args}]}
         with running(config) as base:
             url = base + "/v1/classify"
@@ -228,15 +290,15 @@ def main(argv: list[str]) -> int:
             # Baselines run while the app is up and idle, right before and after the load, so
             # both sides see the same machine (its speed drifts ~10% between minutes here).
             local = InProcess(path, cores)
-            before = local.rps(inputs)
+            before = local.rps(inputs, n_requests)
             cpu0 = _cpu_by_process()
-            rps, sat_lat, sat_err = asyncio.run(_load(url, inputs, N_REQUESTS, CLIENTS))
+            rps, sat_lat, sat_err = asyncio.run(_load(url, inputs, n_requests, CLIENTS))
             cpu1 = _cpu_by_process()
-            after = local.rps(inputs)
-            cpu_ms = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000 / N_REQUESTS, 2) for k in cpu1
+            after = local.rps(inputs, n_requests)
+            cpu_ms = {k: round((cpu1[k] - cpu0.get(k, 0.0)) * 1000 / n_requests, 2) for k in cpu1
                       if cpu1[k] - cpu0.get(k, 0.0) > 0.05}
             # Low load: one request at a time, each input in process then through Serve, interleaved.
-            seq_lat, base_lat, seq_err = asyncio.run(_sequential(url, inputs[:N_SEQUENTIAL], local))
+            seq_lat, base_lat, seq_err = asyncio.run(_sequential(url, inputs[:n_sequential], local))
         ray.shutdown()
 
     base_rps = (before + after) / 2
@@ -247,7 +309,7 @@ def main(argv: list[str]) -> int:
         "model": "all-MiniLM-L6-v2 + LoRA r=16 + head (pubmedqa_rf, 3 labels)",
         "inputs": "PubMedQA PQA-L question + long answer (../shared/data), max_length 256",
         "machine": f"{platform.machine()} {cores} cores, {platform.system()}, no GPU",
-        "overrides": list(argv),
+        "overrides": list(overrides),
         "throughput_ratio": round(rps / base_rps, 3),
         "served_rps": round(rps, 1),
         "in_process_rps_batch32": round(base_rps, 1),
@@ -261,13 +323,33 @@ def main(argv: list[str]) -> int:
         "in_process_p50_ms_batch1": round(base_p50, 2),
         "errors": sat_err + seq_err,
         "saturation_cpu_ms_per_request": dict(sorted(cpu_ms.items(), key=lambda kv: -kv[1])),
-        "requests": {"saturation": N_REQUESTS, "clients": CLIENTS, "sequential": N_SEQUENTIAL},
+        "requests": {"saturation": n_requests, "clients": CLIENTS, "sequential": n_sequential},
     }
     out = Path(os.environ.get("SERVE_LOAD_OUT", REPO / "bench" / "results" / "serve_load.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return 0 if result["errors"] == 0 else 1
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ablation", action="store_true", help="each serving choice undone in turn")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (fresh processes)")
+    parser.add_argument("--requests", type=int, default=N_REQUESTS, help="requests at saturation")
+    parser.add_argument("--sequential", type=int, default=N_SEQUENTIAL, help="one-at-a-time requests")
+    parser.add_argument("--variants", type=int, default=None, help="--ablation: only the first N variants")
+    parser.add_argument("--out", default=None, help="results file (default: bench/results/serve_load*.json)")
+    parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the Serve app config")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    if args.once:
+        return once(args.overrides, args.requests, args.sequential)
+    if args.ablation:
+        return ablation(args)
+    return repeated(args)
 
 
 if __name__ == "__main__":

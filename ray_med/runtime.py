@@ -15,6 +15,7 @@ own checkpoints.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -22,14 +23,15 @@ import shutil
 import socket
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from ray_med.config import config_hash, to_yaml
-from ray_med.errors import ConfigError, RayMedError
+from ray_med.config import config_hash, to_dict, to_yaml
+from ray_med.errors import ConfigError, ModelError, RayMedError
 
 log = logging.getLogger("ray_med")
 
@@ -96,10 +98,29 @@ def seed_everything(seed: int) -> None:
 
 # ------------------------------------------------------------------------------- storage
 
+# A folder written to a URI root is committed by this file, written last with a fresh
+# token: readers (localize, the pipeline's cache, resumed runs) take a remote folder only
+# when it is there. Object stores cannot rename a folder, so the marker is the commit.
+MARKER = "_SUCCESS"
+# Where localize() keeps its copies of remote folders (one per URI and commit).
+CACHE_ENV = "RAY_MED_CACHE"
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names remote (pyarrow) storage, ``s3://...`` or ``file://...``, rather than a local path."""
+    text = str(path)
+    return "://" in text and not text.startswith("pkg://")
+
 
 @dataclass(frozen=True)
 class Storage:
-    """A storage root: a local folder or a URI, with the few file operations jobs need."""
+    """A storage root: a local folder or a URI, with the few file operations jobs need.
+
+    Every output is written atomically. A local file or folder is written under a
+    temporary name beside it (``<name>.tmp-<uuid>``) and renamed into place on success;
+    a remote folder is uploaded only on success and committed by :data:`MARKER`. A
+    failed save leaves the previous complete version, or nothing, never half a folder.
+    """
 
     uri: str
     """Absolute local path, or a URI with one of :data:`STORAGE_SCHEMES`."""
@@ -126,6 +147,7 @@ class Storage:
         return "://" not in self.uri
 
     def join(self, *parts: str) -> str:
+        parts = tuple(p for p in parts if p)
         if self.is_local:
             return str(Path(self.uri, *parts))
         return "/".join([self.uri, *[p.strip("/") for p in parts]])
@@ -138,26 +160,42 @@ class Storage:
             return pafs.LocalFileSystem(), self.uri
         return pafs.FileSystem.from_uri(self.uri)
 
-    def write_text(self, relpath: str, text: str) -> str:
-        """Write a small text file under the root and return its full path or URI."""
-        target = self.join(relpath)
-        if self.is_local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Path(target).write_text(text, encoding="utf-8")
-            return target
+    def _remote(self, relpath: str) -> tuple[Any, str]:
         fs, base = self.filesystem()
-        path = f"{base}/{relpath.strip('/')}"
+        return fs, f"{base}/{relpath.strip('/')}" if relpath.strip("/") else base
+
+    def write_text(self, relpath: str, text: str) -> str:
+        """Write a small text file under the root, atomically, and return its full path or URI."""
+        target = self.join(relpath)
+        data = text.encode("utf-8")
+        if self.is_local:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            return target
+        fs, path = self._remote(relpath)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with fs.open_output_stream(path) as out:
-            out.write(text.encode("utf-8"))
+        if fs.type_name == "local":  # file://: a plain file system, so write aside and rename
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+            fs.move(tmp, path)
+        else:  # an object store publishes an object only when its upload completes
+            with fs.open_output_stream(path) as out:
+                out.write(data)
         return target
 
     def read_text(self, relpath: str) -> str:
         """Read a small text file under the root."""
         if self.is_local:
             return Path(self.join(relpath)).read_text(encoding="utf-8")
-        fs, base = self.filesystem()
-        with fs.open_input_stream(f"{base}/{relpath.strip('/')}") as src:
+        fs, path = self._remote(relpath)
+        with fs.open_input_stream(path) as src:
             return src.read().decode("utf-8")
 
     def list_dir(self, relpath: str = "") -> list[str]:
@@ -167,34 +205,143 @@ class Storage:
             return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
 
-        fs, base = self.filesystem()
-        path = f"{base}/{relpath.strip('/')}" if relpath else base
+        fs, path = self._remote(relpath)
         return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+    def complete(self, relpath: str = "") -> bool:
+        """Whether ``relpath`` holds a finished output: a file, or a folder that was committed.
+
+        A local folder exists only once renamed into place; a remote one needs its marker.
+        """
+        if self.is_local:
+            return Path(self.join(relpath)).exists()
+        return self._version(relpath) is not None
+
+    def _version(self, relpath: str) -> str | None:
+        """A token that changes whenever the remote output at ``relpath`` is rewritten; None if incomplete."""
+        import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
+
+        fs, path = self._remote(relpath)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return f"file:{info.size}:{info.mtime_ns}"
+        if info.type != pafs.FileType.Directory:
+            return None
+        marker = fs.get_file_info(f"{path}/{MARKER}")
+        if marker.type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(marker.path) as src:
+            return f"dir:{src.read().decode('utf-8', 'replace').strip()}:{marker.mtime_ns}"
 
     @contextlib.contextmanager
     def local_dir(self, relpath: str) -> Iterator[Path]:
-        """A local folder that ends up at ``relpath`` under the root.
+        """A local folder, empty, that replaces ``relpath`` under the root when the block exits without error.
 
-        Local roots yield the folder itself. Remote roots yield a temporary folder that
-        is uploaded when the block exits without error, so a failed step never leaves a
-        half-written artifact behind in the bucket.
+        Local roots: a sibling ``<name>.tmp-<uuid>`` renamed into place (the old folder,
+        if any, is moved aside first and deleted after). Remote roots: a temporary folder
+        uploaded over the old one, then committed with :data:`MARKER`, which is removed
+        before anything else is touched. A failed step leaves the previous version, or
+        nothing, and is redone by whoever checks :meth:`complete`.
         """
+        token = uuid.uuid4().hex
         if self.is_local:
-            path = Path(self.join(relpath))
-            path.mkdir(parents=True, exist_ok=True)
-            yield path
+            target = Path(self.join(relpath))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.tmp-{token[:8]}")
+            tmp.mkdir()
+            try:
+                yield tmp
+                old = target.with_name(f"{target.name}.old-{token[:8]}")
+                if target.exists() or target.is_symlink():
+                    os.rename(target, old)
+                os.rename(tmp, target)
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                elif old.exists() or old.is_symlink():
+                    old.unlink()
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             return
         import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
 
         tmp = Path(tempfile.mkdtemp(prefix="ray_med-"))
         try:
             yield tmp
-            fs, base = self.filesystem()
-            dest = f"{base}/{relpath.strip('/')}"
+            fs, dest = self._remote(relpath)
+            info = fs.get_file_info(dest)
+            if info.type == pafs.FileType.Directory:
+                if fs.get_file_info(f"{dest}/{MARKER}").type == pafs.FileType.File:
+                    fs.delete_file(f"{dest}/{MARKER}")  # un-commit first: readers stop trusting it now
+                fs.delete_dir(dest)
+            elif info.type == pafs.FileType.File:
+                fs.delete_file(dest)
             fs.create_dir(dest, recursive=True)
             pafs.copy_files(str(tmp), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            with fs.open_output_stream(f"{dest}/{MARKER}") as out:
+                out.write(f"{token}\n".encode())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_root() -> Path:
+    """Where :func:`localize` keeps local copies of remote outputs: ``$RAY_MED_CACHE`` or ``~/.cache/ray_med``."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/ray_med").expanduser()
+
+
+def is_complete(path: str) -> bool:
+    """Whether a path or URI names a finished output (see :meth:`Storage.complete`)."""
+    return Storage.parse(path).complete()
+
+
+def localize(path: str, *, what: str = "folder", error: type[RayMedError] = ModelError) -> str:
+    """A local path for a file or folder named by a local path (returned as it is) or a URI.
+
+    A remote output is downloaded once into :func:`cache_root` under a hash of its URI
+    and its commit token, then reused by every later call on this machine (transformers,
+    PEFT and safetensors need local files). A remote folder must be committed (its
+    :data:`MARKER` present), so a half-uploaded model is refused rather than loaded; a
+    rewritten one gets a new cache entry. Delete the cache folder to reclaim space.
+    """
+    if not is_uri(path):
+        return path
+    import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
+
+    source = Storage.parse(path)
+    name = source.uri.rsplit("/", 1)[-1] or "root"
+    for _ in range(3):
+        version = source._version("")
+        if version is None:
+            fs, base = source.filesystem()
+            if fs.get_file_info(base).type == pafs.FileType.NotFound:
+                raise error(f"{what} not found: {source.uri}")
+            raise error(
+                f"{what} {source.uri} is incomplete: it has no {MARKER} marker (a save that failed or is still "
+                f"running). Rerun the job that writes it; a folder uploaded by other means needs an empty "
+                f"{MARKER} file in it once complete."
+            )
+        key = hashlib.sha256(f"{source.uri}\n{version}".encode()).hexdigest()[:16]
+        final = cache_root() / key
+        if (final / name).exists():
+            return str(final / name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{key}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            fs, base = source.filesystem()
+            # copy_files makes the subfolders it copies, not the destination itself
+            (tmp / name if version.startswith("dir:") else tmp).mkdir(parents=True)
+            pafs.copy_files(base, str(tmp / name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            if source._version("") != version:
+                continue  # rewritten while we copied: take the new version
+            log.info("downloaded %s to %s", source.uri, final / name)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / name).exists():  # another process on this machine won the race otherwise
+                    raise
+            return str(final / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise error(f"{what} {source.uri} kept changing while it was downloaded; retry when its writer is done")
 
 
 # ------------------------------------------------------------------------------ the run
@@ -231,9 +378,66 @@ class RunContext:
     def local_dir(self, relpath: str) -> contextlib.AbstractContextManager[Path]:
         return self.storage.local_dir(f"{self.name}/{relpath}")
 
+    def complete(self, relpath: str) -> bool:
+        """Whether the run's ``relpath`` is a finished output (see :meth:`Storage.complete`)."""
+        return self.storage.complete(f"{self.name}/{relpath}")
+
+
+# Ray sets this for the entrypoint of `ray job submit` (the job's runtime_env and metadata).
+SUBMITTED_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+# Config keys (or key suffixes) naming where a job writes, and where it reads its data from.
+OUTPUT_KEYS = ("run.storage", "output_dir")
+DATA_KEYS = ("corpus.root", "data.root", "data_root")
+
+
+def submitted_job() -> bool:
+    """Whether this process is a job started by ``ray job submit`` (its working directory is Ray's copy)."""
+    return SUBMITTED_ENV in os.environ
+
+
+def check_submitted_paths(cfg: Any) -> None:
+    """Under ``ray job submit``, refuse relative output and data paths, before any work.
+
+    A submitted job runs in Ray's temporary copy of ``--working-dir`` (under the node's
+    ``runtime_resources/working_dir_files``): a relative ``run.storage`` would write the
+    results there, deleted with it, and a relative data root names a folder inside it,
+    which holds only what was uploaded.
+    """
+    if not submitted_job():
+        return
+    cwd = os.getcwd()
+
+    def check(key: str, value: Any) -> None:
+        if not isinstance(value, str) or not value or is_uri(value) or value.startswith(("/", "~", "pkg://")):
+            return
+        where = os.path.normpath(os.path.join(cwd, value))
+        if any(key == k or key.endswith("." + k) for k in OUTPUT_KEYS):
+            raise ConfigError(
+                f"{key}={value!r} is relative, and this job runs under `ray job submit` in Ray's temporary copy "
+                f"of the working directory ({cwd}): its outputs would be written to {where} and deleted with it. "
+                f"Give shared storage every node reaches: {key}=s3://bucket/runs or an absolute path "
+                f"({key}=/mnt/shared/runs)."
+            )
+        if any(key == k or key.endswith("." + k) for k in DATA_KEYS) and not os.path.exists(where):
+            raise ConfigError(
+                f"{key}={value!r} is relative, and this job runs under `ray job submit` in Ray's temporary copy "
+                f"of the working directory ({cwd}), where it names {where}, which does not exist. "
+                f"Give the data's absolute path on the cluster ({key}=/mnt/data)."
+            )
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        else:
+            check(key, node)
+
+    walk(to_dict(cfg), "")
+
 
 def start_run(job: str, cfg: Any, runtime: RuntimeConfig) -> RunContext:
     """Set up logging and seeds, name the run, and record its resolved config."""
+    check_submitted_paths(cfg)
     setup_logging(runtime.log_level)
     seed_everything(runtime.seed)
     ctx = RunContext(job=job, name=run_name(job, cfg, runtime), storage=Storage.parse(runtime.storage))

@@ -15,8 +15,12 @@ A classifier folder (``<output_dir>/adapter`` of ``jobs/finetune.py stage=downst
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import shutil
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,48 @@ def check_classifier_dir(path: str | Path) -> dict[str, Any]:
         raise ModelError(f"{meta_path} is not valid JSON ({exc.msg})") from None
 
 
+def domain_folder(path: str | Path, meta: dict[str, Any]) -> str | None:
+    """The stage-1 adapter of a classifier: recorded relative to the folder when it was trained with it."""
+    value = meta.get("domain_adapter")
+    if not value:
+        return None
+    if "://" in value or Path(value).is_absolute():
+        return value
+    return str(Path(path) / value)
+
+
+def localize_classifier(path: str, localize: Callable[[str], str], cache: Path) -> str:
+    """A local classifier folder whose recorded base model and stage-1 adapter are local folders too.
+
+    ``localize`` turns a storage URI into a local copy (``ray_med.runtime.localize``); the
+    folder itself and every URI its ``classifier.json`` records go through it, and the
+    local copy's ``classifier.json`` is rewritten to point at theirs. A local folder that
+    records URIs is copied into ``cache`` first: a user's folder is never rewritten.
+    """
+    local = localize(path)
+    meta = check_classifier_dir(local)
+    remote = {k: meta[k] for k in ("base_model", "domain_adapter") if meta.get(k) and "://" in meta[k]}
+    if not remote:
+        return local
+    if local == path:
+        key = hashlib.sha256(f"{Path(path).resolve()}\n{json.dumps(meta, sort_keys=True)}".encode()).hexdigest()[:16]
+        copy_dir = cache / key / Path(path).name
+        if not copy_dir.exists():
+            tmp = cache / f"{key}.tmp-{uuid.uuid4().hex[:8]}"
+            shutil.copytree(path, tmp / Path(path).name)
+            try:
+                tmp.rename(cache / key)
+            except OSError:  # another process made the same copy
+                shutil.rmtree(tmp, ignore_errors=True)
+        local = str(copy_dir)
+    meta.update({k: localize(v) for k, v in remote.items()})
+    target = Path(local) / HEAD_CONFIG
+    tmp_file = target.with_name(f"{HEAD_CONFIG}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp_file.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_file, target)  # replicas on one machine may rewrite the same copy at once
+    return local
+
+
 def labels_of(meta: dict[str, Any]) -> list[str]:
     """The label names of a classifier (indices as strings when it was saved without names)."""
     return meta.get("labels") or [str(i) for i in range(meta["num_labels"])]
@@ -49,7 +95,8 @@ def labels_of(meta: dict[str, Any]) -> list[str]:
 
 def adapter_folders(path: str | Path, meta: dict[str, Any]) -> list[str]:
     """The adapter folders of a classifier, stage 1 first, each checked."""
-    folders = [meta["domain_adapter"]] if meta.get("domain_adapter") else []
+    domain = domain_folder(path, meta)
+    folders = [domain] if domain else []
     if meta.get("downstream"):
         folders.append(str(path))
     for folder in folders:
@@ -70,8 +117,12 @@ def save_classifier(
 ) -> Path:
     """Write the downstream adapter (PEFT format), the head and its description to ``out_dir``.
 
-    A trainable domain adapter is written too, to ``out_dir/domain``. Full fine-tuning
-    writes the whole body with ``save_pretrained`` instead.
+    A trainable domain adapter is written too, to ``out_dir/domain`` (recorded as
+    ``domain``, relative to the folder, so the folder can move: to a bucket, to a cache).
+    Full fine-tuning writes the whole body with ``save_pretrained`` instead. ``base_path``
+    and ``spec.domain_adapter`` are recorded as given: where the folder's reader finds
+    them (a storage URI stays a URI), not where this process loaded them from.
+    Write into a folder from ``Storage.local_dir`` so a failed save leaves nothing behind.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +146,7 @@ def save_classifier(
         "task_type": spec.task_type,
         "pooling": spec.pooling,
         "setting": spec.setting,
-        "domain_adapter": (str(out / "domain") if spec.domain_trainable else spec.domain_adapter)
+        "domain_adapter": ("domain" if spec.domain_trainable else spec.domain_adapter)
         if spec.domain_adapter else None,
         "downstream": spec.downstream.method if (spec.downstream and spec.setting == "adapter") else None,
     }
@@ -103,11 +154,14 @@ def save_classifier(
     return out
 
 
-def merge_classifier(model: SequenceClassifier, spec: ClassifierSpec, out_dir: str | Path, tokenizer: Any) -> Path:
+def merge_classifier(model: SequenceClassifier, spec: ClassifierSpec, out_dir: str | Path, tokenizer: Any, *,
+                     final_dir: str | None = None) -> Path:
     """Merge every active LoRA adapter into the base weights; write an HF folder + head.
 
     The result is a plain transformers model (``<out_dir>/model``) that serves without
     PEFT; the unmerged adapters stay in ``<output_dir>/adapter`` for multi-adapter serving.
+    ``final_dir``: where ``out_dir`` ends up (a temporary folder is renamed or uploaded
+    there), recorded as the base model's location.
     """
     body = copy.deepcopy(model.body)
     if hasattr(body, "merge_and_unload"):
@@ -118,7 +172,7 @@ def merge_classifier(model: SequenceClassifier, spec: ClassifierSpec, out_dir: s
     save_pretrained(body, out / "model", tokenizer=tokenizer)
     full = ClassifierSpec(num_labels=spec.num_labels, task_type=spec.task_type, pooling=spec.pooling,
                           setting="full", downstream=None, labels=spec.labels)
-    return save_classifier(merged, full, out, str(out / "model"), write_body=False)
+    return save_classifier(merged, full, out, f"{final_dir or out}/model", write_body=False)
 
 
 def load_head(model: SequenceClassifier, path: str | Path) -> SequenceClassifier:
@@ -141,11 +195,12 @@ def load_classifier(adapter_dir: str | Path, *, base_path: str | None = None) ->
     else:
         body = load_base_model(base_path)
         active = []
-        if meta.get("domain_adapter"):
-            method = method_of_folder(meta["domain_adapter"])
+        domain = domain_folder(out, meta)
+        if domain:
+            method = method_of_folder(domain)
             if method is None:
-                raise ModelError(f"{meta['domain_adapter']}: an adapter type ray_med does not know")
-            body = method.load(body, meta["domain_adapter"], adapter_name=DOMAIN)
+                raise ModelError(f"{domain}: an adapter type ray_med does not know")
+            body = method.load(body, domain, adapter_name=DOMAIN)
             active.append(DOMAIN)
         if meta.get("downstream"):
             body = get_method(meta["downstream"]).load(body, out, adapter_name=DOWNSTREAM)

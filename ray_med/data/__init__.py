@@ -2,14 +2,21 @@
 
 Core (no Ray, no DeepSpeed). Readers turn PubMedQA, MTSamples, MedQA/MedMCQA JSONL,
 MIMIC notes CSV, text/JSONL/Parquet corpora and MedMNIST ``.npz`` files into
-:class:`Record` s; :func:`records_to_arrow` makes them one Arrow table, which the Ray
-edges turn into Ray Datasets. :mod:`ray_med.data.packing` tokenizes and packs.
+:class:`Record` s; :func:`iter_records` streams one file's records, which the Ray
+edges cut into Arrow blocks (:func:`records_to_arrow`) of Ray Datasets. :mod:`ray_med.data.packing` tokenizes and packs.
 """
 
 from ray_med.data.config import CorpusConfig, SourceConfig
 from ray_med.data.packing import Packer, pack, tokenize_texts
 from ray_med.data.policy import RecordErrors
-from ray_med.data.readers import READERS, ReadResult, read_records, reader_options
+from ray_med.data.readers import (
+    READERS,
+    ReadResult,
+    check_options,
+    iter_records,
+    read_records,
+    reader_options,
+)
 from ray_med.data.records import (
     ARROW_SCHEMA,
     Record,
@@ -29,8 +36,10 @@ __all__ = [
     "RecordErrors",
     "SourceConfig",
     "arrow_to_records",
+    "check_options",
     "decode_image",
     "encode_png",
+    "iter_records",
     "pack",
     "read_records",
     "reader_options",

@@ -81,9 +81,16 @@ class CorpusConfig:
 
 
 def resolve_path(path: str) -> str:
-    """An absolute path for a config path: ``pkg://package/sub/path``, ``~`` or relative to the working directory."""
+    """An absolute path for a config path: ``pkg://package/sub/path``, ``~`` or relative to the working directory.
+
+    A storage URI (``s3://bucket/runs/x/model``, ``file:///...``) is returned as it is: it
+    is already absolute, and the job that reads it downloads it
+    (``ray_med.runtime.localize``); made a local path it would become ``<cwd>/s3:/bucket/...``.
+    """
     if path.startswith("pkg://"):
         return str(_package_path(path))
+    if "://" in path:
+        return path
     return str(Path(path).expanduser().resolve())
 
 

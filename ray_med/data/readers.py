@@ -8,8 +8,9 @@ missing columns) always raise: there is nothing to skip to.
 
 Text formats (JSON, JSONL, CSV, plain text) may also be gzip-compressed (``.gz``), as
 MIMIC ships its notes. :func:`read_records` is the one entry point the rest of the
-project uses; it checks the reader name and its options, and returns the records with
-the skip count.
+project uses on a small file; it checks the reader name and its options, and returns the
+records with the skip count. :func:`iter_records` is the same as a stream, which the Ray
+Data read tasks of :mod:`ray_med.corpus.build` cut into blocks.
 """
 
 from __future__ import annotations
@@ -682,6 +683,39 @@ def reader_options(reader: str) -> list[str]:
     return [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "source"]
 
 
+def check_options(reader: str, options: dict[str, Any] | None) -> None:
+    """Fail on an unknown reader or an option it does not take (cheap: no file is opened)."""
+    _check_reader(reader)
+    valid = reader_options(reader)
+    unknown = sorted(set(options or {}) - set(valid))
+    if unknown:
+        raise DataError(
+            f"reader '{reader}' has no option(s) {unknown}; valid options: {', '.join(valid) or 'none'}"
+        )
+
+
+def iter_records(
+    reader: str,
+    path: str,
+    errors: RecordErrors,
+    *,
+    source: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> Iterator[Record]:
+    """The records of one file, as a stream: what a Ray Data read task turns into blocks.
+
+    Malformed records go to ``errors`` (raise, or count and skip); read its ``skipped``
+    and ``reasons`` once the stream is exhausted.
+    """
+    check_options(reader, options)
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if os.path.isdir(path) and reader != "text":
+        raise DataError(f"{path}: is a folder; the '{reader}' reader takes a file")
+    return READERS[reader](path, errors, source=source or reader, **dict(options or {}))
+
+
 def read_records(
     reader: str,
     path: str,
@@ -690,20 +724,8 @@ def read_records(
     on_error: OnError = "raise",
     options: dict[str, Any] | None = None,
 ) -> ReadResult:
-    """Read a whole file with the named reader; the one entry point to the readers."""
-    _check_reader(reader)
-    options = dict(options or {})
-    valid = reader_options(reader)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise DataError(
-            f"reader '{reader}' has no option(s) {unknown}; valid options: {', '.join(valid) or 'none'}"
-        )
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found")
-    if os.path.isdir(path) and reader != "text":
-        raise DataError(f"{path}: is a folder; the '{reader}' reader takes a file")
-    errors = RecordErrors(path=path, on_error=on_error)
-    records = list(READERS[reader](path, errors, source=source or reader, **options))
+    """Read a whole file with the named reader into memory (small files; see :func:`iter_records`)."""
+    check_options(reader, options)
+    errors = RecordErrors(path=os.fspath(path), on_error=on_error)
+    records = list(iter_records(reader, path, errors, source=source, options=options))
     return ReadResult(records=records, skipped=errors.skipped, reasons=errors.reasons)

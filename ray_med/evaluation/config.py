@@ -60,17 +60,21 @@ class ClassifyEvalConfig:
     """Macro AUROC (with a bootstrap CI), AUPRC, macro F1 and accuracy of a saved classifier."""
 
     model: str
-    """Classifier folder (<output_dir>/adapter of jobs/finetune.py stage=downstream)."""
-    task: str
-    """The task (its label space and inputs), e.g. pubmedqa_rf."""
-    data: str
-    """The labelled file."""
+    """A downstream run's folder (or its output_dir), or a classifier folder in it (<output_dir>/adapter, merged)."""
+    task: str | None = None
+    """The task (its label space and inputs), e.g. pubmedqa_rf; default: the one in splits.json."""
+    data: str | None = None
+    """The labelled file; default: the file the classifier was trained on (splits.json)."""
+    split: Literal["test", "dev", "train", "all"] | None = None
+    """Which records to score: a split of the splits.json the fine-tuning run wrote beside the classifier
+    (test, dev, train), or all (every labelled record of data, training items included); default: test,
+    or the ids of ids_file when given."""
     format: str | None = None
     """Its reader; default: the task's."""
     base: str | None = None
     """Base model folder, when not the one recorded at training."""
     ids_file: str | None = None
-    """File of record ids to score, one per line (e.g. a dev split); default: every record."""
+    """File of record ids to score, one per line, instead of a split."""
     max_length: int = 256
     """Tokens per example."""
     bootstrap: int = 1000
@@ -99,8 +103,9 @@ class QAEvalConfig:
     """Only the first N questions."""
     batch_size: int = 8
     """Prompts per forward pass in top_token mode."""
-    predictions: str = "qa_predictions.jsonl"
-    """Per-item predictions file (JSONL)."""
+    predictions: str | None = None
+    """Per-item predictions file (JSONL); default: qa/<data>-<mode>-<shots>shot-seed<seed>.jsonl beside the
+    adapter, or else the model (its run folder when a job wrote it); "" writes none."""
 
 
 @dataclass

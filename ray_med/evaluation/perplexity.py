@@ -48,17 +48,41 @@ class PerplexityAccumulator:
         return perplexity(self.total_nll, self.tokens)
 
 
-def lm_nll(forward: Callable[[Any], Any], blocks: np.ndarray, *, batch_size: int = 8, device: Any = "cpu") -> PerplexityAccumulator:
+def eval_batches(n_blocks: int, world: int, batch_size: int) -> int:
+    """Batches every rank runs when ``n_blocks`` are dealt out ``blocks[rank::world]``: rank 0's, the most."""
+    return math.ceil(math.ceil(n_blocks / world) / batch_size)
+
+
+def lm_nll(
+    forward: Callable[[Any], Any],
+    blocks: np.ndarray,
+    *,
+    batch_size: int = 8,
+    device: Any = "cpu",
+    rank: int = 0,
+    world: int = 1,
+) -> PerplexityAccumulator:
     """Summed next-token NLL of a causal LM over packed ``(n, seq_len)`` blocks.
 
     ``forward(input_ids)`` returns logits (a model, or a DeepSpeed engine's forward);
     each block predicts its ``seq_len - 1`` next tokens. The in-training evaluation and
     ``jobs/evaluate.py perplexity`` both call this, so their numbers agree.
+
+    With ``world`` data-parallel ranks, this rank scores ``blocks[rank::world]`` (every
+    block on exactly one rank; add the ranks' accumulators) and calls ``forward``
+    :func:`eval_batches` times like every other rank: a rank with fewer blocks pads with
+    forwards on a one-block dummy batch whose output is dropped. Under ZeRO-3 every
+    forward all-gathers the weights, so a rank that stopped early would hang the others.
     """
     acc = PerplexityAccumulator()
+    mine = blocks[rank::world]
     with torch.no_grad():
-        for start in range(0, len(blocks), batch_size):
-            ids = torch.tensor(blocks[start : start + batch_size], dtype=torch.long, device=device)  # a copy: blocks may be read-only
+        for b in range(eval_batches(len(blocks), world, batch_size)):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            if len(chunk) == 0:
+                forward(torch.zeros((1, blocks.shape[1]), dtype=torch.long, device=device))  # padding: not counted
+                continue
+            ids = torch.tensor(chunk, dtype=torch.long, device=device)  # a copy: blocks may be read-only
             out = forward(ids)
             logits = getattr(out, "logits", out).float()
             # Prompt-learning adapters (prompt tuning, P-tuning) prepend virtual tokens and

@@ -141,13 +141,19 @@ def top_token(model: Any, tokenizer: Any, prompts: Sequence[list[int]], choices:
 
 def generate(
     model: Any, tokenizer: Any, prompt: list[int], *, n: int = 1, temperature: float = 0.0,
-    max_new_tokens: int = 128, seed: int = 0,
+    max_new_tokens: int = 128, seed: int = 0, stopping_criteria: Any = None,
 ) -> list[str]:
-    """``n`` continuations of ``prompt``: greedy when ``temperature`` is 0, else sampled with ``seed``."""
+    """``n`` continuations of ``prompt``: greedy when ``temperature`` is 0, else sampled with ``seed``.
+
+    ``stopping_criteria`` (a transformers ``StoppingCriteriaList``) can end it early, e.g. the
+    server's check of a cancelled request between tokens.
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([prompt], device=device)
     sample = temperature > 0
     kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "num_return_sequences": n}
+    if stopping_criteria is not None:
+        kwargs["stopping_criteria"] = stopping_criteria
     if sample:
         kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -210,15 +216,17 @@ def vote(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int], int
     return winner, votes, len(answers) - len(valid)
 
 
-def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Sequence[str], cfg: QAConfig) -> QAResult:
+def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Sequence[str], cfg: QAConfig,
+                     *, stopping_criteria: Any = None) -> QAResult:
     """cot (one greedy rationale) or sc_cot (``cfg.n`` sampled rationales and a vote)."""
     if cfg.mode == "sc_cot" and cfg.temperature <= 0:
         raise DataError("sc_cot samples its rationales: temperature must be > 0 (use cot for greedy)")
     if cfg.mode == "cot":
-        texts = generate(model, tokenizer, prompt, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        texts = generate(model, tokenizer, prompt, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                         stopping_criteria=stopping_criteria)
     else:
         texts = generate(model, tokenizer, prompt, n=cfg.n, temperature=cfg.temperature,
-                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, stopping_criteria=stopping_criteria)
     answers = [extract_answer(t, choices) for t in texts]
     winner, votes, invalid = vote(answers)
     rationale = next((_own_answer(t) for t, a in zip(texts, answers, strict=True) if a == winner),

@@ -57,3 +57,5 @@ class TokenizerConfig:
     """A pair must occur this often to be merged."""
     path: str | None = None
     """An HF tokenizer folder to use instead of training one (the pipeline passes the one its data stage trained)."""
+    sample_documents: int = 1_000_000
+    """Train on at most this many documents: a seeded sample of the training split, streamed to one Ray task."""

@@ -23,7 +23,7 @@ from ray_med.pipeline.config import PipelineConfig, PipelineOutputs
 from ray_med.pipeline.stages import STAGES, Stage
 from ray_med.registry import execute, get_job
 from ray_med.runs import outputs_of, read_record
-from ray_med.runtime import RunContext, run_name
+from ray_med.runtime import RunContext, is_complete, run_name
 
 log = logging.getLogger("ray_med.pipeline")
 
@@ -55,6 +55,18 @@ def _preview(stage: Stage, cfg: PipelineConfig) -> Any:
     return load_config(get_job(stage.job).config, section.config or None, section.overrides)
 
 
+def reused(stage: Stage, job: Any, record: Any, key: str) -> Any:
+    """The typed outputs of a finished run of ``stage`` with ``key``, if every folder they name is complete."""
+    if not reusable(record, key):
+        return None
+    outputs = outputs_of(record, job.outputs)
+    incomplete = [p for p in stage.artifacts(outputs) if not is_complete(p)]
+    if incomplete:
+        print(f"rerun: {', '.join(incomplete)} is missing or incomplete (a save that did not finish)")
+        return None
+    return outputs
+
+
 def run_pipeline(cfg: PipelineConfig, ctx: RunContext) -> PipelineOutputs:
     """Run every enabled stage (or reuse its finished run); print each one's tables; write summary.json."""
     cfg.corpus.check()
@@ -77,15 +89,13 @@ def run_pipeline(cfg: PipelineConfig, ctx: RunContext) -> PipelineOutputs:
         inputs = {n: keys[n] for n in stage.uses if n in keys}
         key = stage_key(stage.job, scfg, inputs)
         name = run_name(job.run_prefix(scfg), scfg, scfg.run)
-        record = read_record(ctx.storage, name)
         print(f"\n== stage: {stage.name} ==")
-        if reusable(record, key):
-            outputs = outputs_of(record, job.outputs)
-            cached = True
+        outputs = reused(stage, job, read_record(ctx.storage, name), key)
+        cached = outputs is not None
+        if cached:
             print(f"cached: {ctx.storage.join(name)}  (finished earlier with the same config and inputs)")
         else:
             outputs = execute(job, scfg, overrides=overrides, stage_key=key)
-            cached = False
         stage.show(outputs, cached)
         upstream[stage.name], keys[stage.name] = outputs, key
         summary[stage.name] = {"job": stage.job, "run": name, "run_dir": ctx.storage.join(name), "key": key,

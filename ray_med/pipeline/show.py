@@ -34,8 +34,9 @@ def format_perplexity(history: list[dict[str, Any]]) -> str:
 
 
 def format_classifier(m: dict[str, Any]) -> str:
-    """The downstream stage's dev metrics as a markdown table."""
-    lines = [f"\n{m['task']} dev metrics ({m['n']} examples, {m['trainable']:,} trainable parameters):", "",
+    """The downstream stage's metrics (on its test split) as a markdown table."""
+    split = m.get("split", "dev")  # runs from before the train/dev/test split reported dev metrics
+    lines = [f"\n{m['task']} {split} metrics ({m['n']} examples, {m['trainable']:,} trainable parameters):", "",
              "| metric | value | 95% CI |", "|---|---|---|"]
     for key in ("auroc_macro", "auprc_macro", "f1_macro", "accuracy"):
         lo, hi = m[f"{key}_ci"]

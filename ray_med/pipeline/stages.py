@@ -32,6 +32,9 @@ class Stage:
     """Stages whose outputs it reads when they ran (its needs among them): their keys are part of its key."""
     handoff: HandOff = lambda cfg, up: []
     show: Callable[[Any, bool], None] = lambda out, cached: None
+    artifacts: Callable[[Any], list[str]] = lambda out: []
+    """The folders its outputs name that later stages read: a finished run is reused only
+    while every one is complete (``runtime.is_complete``), so a half-written one is redone."""
 
 
 def _data_root(cfg: PipelineConfig) -> str:
@@ -71,15 +74,18 @@ def _serve(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "corpus", "read the corpus sources into Parquet, train the tokenizer (on the documents "
-          "pretraining trains on), print the data report", show=show.show_data),
+          "pretraining trains on), print the data report", show=show.show_data,
+          artifacts=lambda out: [out.tokenizer_dir]),
     Stage("pretrain", "pretrain", "continued pretraining of the tiny Llama with that tokenizer on Ray Train + "
           "DeepSpeed; held-out perplexity per source before and after", needs=("data",), uses=("data",), handoff=_pretrain,
-          show=show.show_pretrain),
+          show=show.show_pretrain, artifacts=lambda out: [out.model_dir]),
     Stage("domain", "finetune", "stage-1 domain LoRA on the MTSamples notes over the pretrained model; its "
-          "held-out perplexity", needs=("pretrain",), uses=("pretrain",), handoff=_domain, show=show.show_domain),
+          "held-out perplexity", needs=("pretrain",), uses=("pretrain",), handoff=_domain, show=show.show_domain,
+          artifacts=lambda out: [out.adapter_dir]),
     Stage("downstream", "finetune", "stage-2 downstream LoRA + classifier head on PubMedQA (reasoning-free), the "
-          "domain adapter stacked under it; dev metrics with bootstrap CIs", needs=("pretrain",),
-          uses=("pretrain", "domain"), handoff=_downstream, show=show.show_downstream),
+          "domain adapter stacked under it; test-split metrics with bootstrap CIs", needs=("pretrain",),
+          uses=("pretrain", "domain"), handoff=_downstream, show=show.show_downstream,
+          artifacts=lambda out: [out.adapter_dir]),
     Stage("serve", "serve_check", "the Serve app on the pretrained model, the domain adapter and the classifier; "
           "one request to every endpoint", needs=("pretrain",), uses=("pretrain", "domain", "downstream"), handoff=_serve, show=show.show_serve),
 )

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray_med.config import apply_overrides, from_dict
+from ray_med.errors import ConfigError, ModelError
 from ray_med.serving.config import ServeAppConfig
 from ray_med.serving.deployments.classifier import ClassifierServer
 from ray_med.serving.deployments.gateway import Gateway
@@ -24,12 +25,20 @@ from ray_med.serving.deployments.lm import LMServer
 from ray_med.serving.deployments.replica import options
 
 
-def build_app(args: dict[str, Any]) -> Any:
-    """The Serve application for ``args`` (a ServeAppConfig as a dict; ``overrides``: key=value list)."""
+def app_config(args: dict[str, Any]) -> ServeAppConfig:
+    """The typed config of ``args`` (a ServeAppConfig as a dict; ``overrides``: key=value list), unchecked."""
     args = dict(args or {})
     overrides = args.pop("overrides", []) or []
-    cfg = from_dict(ServeAppConfig, apply_overrides(ServeAppConfig, args, overrides), where="serve args")
-    cfg.check()
+    return from_dict(ServeAppConfig, apply_overrides(ServeAppConfig, args, overrides), where="serve args")
+
+
+def build_app(args: dict[str, Any]) -> Any:
+    """The Serve application for ``args`` (a ServeAppConfig as a dict; ``overrides``: key=value list)."""
+    cfg = app_config(args)
+    try:  # folders in remote storage are checked on a local copy; each replica makes its own
+        cfg.localized().check()
+    except ModelError as exc:
+        raise ConfigError(str(exc)) from None
     lm = LMServer.options(**options(cfg.lm, cfg)).bind(cfg) if cfg.model else None
     remote = cfg.classifiers and not cfg.classify_in_gateway
     classifier = ClassifierServer.options(**options(cfg.classifier, cfg)).bind(cfg) if remote else None

@@ -26,15 +26,19 @@ def call(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: fl
 
 
 def demo_requests(url: str, *, question: str, context: str | None, classify_text: str,
-                  classify_pair: str | None, classifier: str, adapter: str | None) -> list[dict[str, Any]]:
-    """One request to every endpoint (each QA mode once); each row: endpoint, request, status, response."""
+                  classify_pair: str | None, classifier: str, adapter: str | None,
+                  api_key: str | None = None) -> list[dict[str, Any]]:
+    """One request to every endpoint (each QA mode once); each row: endpoint, request, status, response.
+
+    ``api_key``: sent as ``Authorization: Bearer <key>`` when the server asks for one.
+    """
     qa = {"question": question, "context": context}
     calls: list[tuple[str, dict[str, Any] | None]] = [
         ("/healthz", None),
         ("/v1/models", None),
         ("/v1/qa", {**qa, "mode": "top_token"}),
         ("/v1/qa", {**qa, "mode": "cot", "adapter": adapter}),
-        ("/v1/qa", {**qa, "mode": "sc_cot", "n": 5, "temperature": 0.8}),
+        ("/v1/qa", {**qa, "mode": "sc_cot", "n": 5, "temperature": 0.8, "seed": 0}),  # seeded: the same log each run
         ("/v1/classify", {"text": classify_text, "text_pair": classify_pair, "adapter": classifier}),
         ("/v1/generate", {"prompt": "Chest X-ray shows", "max_new_tokens": 24, "adapter": adapter}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "First-line treatment for "
@@ -42,7 +46,7 @@ def demo_requests(url: str, *, question: str, context: str | None, classify_text
     ]
     rows = []
     for path, body in calls:
-        status, response = call(url, path, body)
+        status, response = call(url, path, body, headers={"authorization": f"Bearer {api_key}"} if api_key else None)
         rows.append({"endpoint": path, "request": body, "status": status, "response": response})
     return rows
 

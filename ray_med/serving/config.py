@@ -7,14 +7,14 @@ with the valid keys listed. Paths are checked on the driver before any replica s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ray_med.adapters.registry import check_adapter_dir
 from ray_med.errors import ConfigError, ModelError
 from ray_med.evaluation.config import QAConfig
-from ray_med.runtime import RuntimeConfig
+from ray_med.runtime import RuntimeConfig, cache_root, localize
 from ray_med.tasks.registry import prompt_formats
 
 
@@ -58,6 +58,24 @@ class DeploymentConfig:
     """Adapters a replica keeps loaded (LRU; @serve.multiplexed)."""
 
 
+@dataclass
+class AuthConfig:
+    """The gateway's API key: clients send ``Authorization: Bearer <key>`` (as OpenAI clients do).
+
+    Set at most one source. The key is read by each gateway replica at start-up, never
+    written into the config; with neither set, the API is open (bind it to 127.0.0.1).
+    """
+
+    api_key_env: str = ""
+    """Name of an environment variable of the gateway replicas holding the key (e.g. RAY_MED_API_KEY)."""
+    api_key_file: str = ""
+    """A file holding the key (surrounding whitespace ignored), e.g. a mounted Kubernetes secret."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_key_env or self.api_key_file)
+
+
 def _gateway() -> DeploymentConfig:
     return DeploymentConfig(max_ongoing_requests=512, max_queued_requests=1024, num_cpus=0.5,
                             target_ongoing_requests=128.0)
@@ -80,13 +98,16 @@ class ServeAppConfig:
     classifiers: dict[str, str] = field(default_factory=dict)
     """Stage-2 classifiers by name (folders written by jobs/finetune.py stage=downstream)."""
     qa: QAConfig = field(default_factory=QAConfig)
-    """Default QA settings; a request may change mode, n, temperature and seed."""
+    """Default QA settings; a request may change mode, n, temperature and seed. qa.seed picks
+    the exemplars of an unseeded request; its sampling draws a random seed."""
     shots_file: str = ""
     """File of few-shot exemplars for /v1/qa (used when qa.shots > 0)."""
     shots_format: str = ""
     """Reader of shots_file: medqa, medmcqa or pubmedqa."""
     max_input_chars: int = 20000
-    """Longest text field accepted (HTTP 413 beyond it)."""
+    """Longest text field accepted (HTTP 413 beyond it; at most 100000)."""
+    max_image_pixels: int = 25_000_000
+    """Largest image (width x height, read from its header before decoding) accepted (HTTP 413 beyond it)."""
     max_new_tokens: int = 512
     """Most tokens one request may generate."""
     classify_in_gateway: bool = True
@@ -94,6 +115,11 @@ class ServeAppConfig:
     encoder-sized models). false: a separate ClassifierServer deployment that scales on its own."""
     classify_max_length: int = 256
     """Tokens per classified example (longer input is truncated, as in training)."""
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    """An API key every endpoint but /healthz requires (default: none)."""
+    docs: bool = False
+    """Serve FastAPI's /docs page (Swagger UI). Off by default: the page loads its scripts
+    from a public CDN, so it is blank on an air-gapped network; /openapi.json is always served."""
     access_log: bool = False
     """Log a line per request in every deployment (Serve's access log)."""
     log_level: str = "INFO"
@@ -111,6 +137,9 @@ class ServeAppConfig:
         """Every path exists and is the kind of folder its key says; names are unique."""
         # lazy: the classifier folder module loads torch; this config parses without it
         from ray_med.adapters.classifier import check_classifier_dir
+
+        # lazy: the schemas load pydantic, which parsing this config does not need
+        from ray_med.serving.schemas import MAX_CHARS
 
         if not self.model and not self.classifiers:
             raise ConfigError("nothing to serve: set model (a causal LM folder) and/or classifiers")
@@ -130,6 +159,14 @@ class ServeAppConfig:
                 _check_name(name)
         except ModelError as exc:
             raise ConfigError(str(exc)) from None
+        if not 1 <= self.max_input_chars <= MAX_CHARS:
+            raise ConfigError(f"max_input_chars must be between 1 and {MAX_CHARS}, got {self.max_input_chars}")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
+        if self.auth.api_key_env and self.auth.api_key_file:
+            raise ConfigError("auth: set api_key_env or api_key_file, not both")
+        if self.auth.api_key_file and not Path(self.auth.api_key_file).is_file():
+            raise ConfigError(f"auth.api_key_file: {self.auth.api_key_file} does not exist")
         if self.qa.shots > 0:
             formats = prompt_formats()
             if not self.shots_file or not Path(self.shots_file).is_file():
@@ -146,6 +183,23 @@ class ServeAppConfig:
             if capacity.max_ongoing_requests < need:
                 raise ConfigError(f"{name}.max_ongoing_requests ({capacity.max_ongoing_requests}) < max_batch_size "
                                   f"x max_concurrent_batches ({need}): batches could never fill")
+
+    def localized(self) -> ServeAppConfig:
+        """This config with every folder in remote storage (``s3://...``) replaced by a local copy.
+
+        ``runtime.localize`` downloads each once per machine, into ``~/.cache/ray_med``
+        (``$RAY_MED_CACHE``); a classifier's recorded base model and stage-1 adapter come
+        along. The driver calls this to check the folders; each replica, where it runs.
+        """
+        # lazy: the classifier folder module loads torch; this config parses without it
+        from ray_med.adapters.classifier import localize_classifier
+
+        return replace(
+            self, model=localize(self.model) if self.model else self.model,
+            adapters={n: localize(p, what="adapter folder") for n, p in self.adapters.items()},
+            classifiers={n: localize_classifier(p, localize, cache_root()) for n, p in self.classifiers.items()},
+            shots_file=localize(self.shots_file, what="shots file") if self.shots_file else self.shots_file,
+        )
 
     @property
     def base_name(self) -> str:

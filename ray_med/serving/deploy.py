@@ -26,9 +26,10 @@ from ray_med.data import read_records
 from ray_med.data.config import resolve_path
 from ray_med.errors import ConfigError
 from ray_med.runtime import RunContext, embedded_ray, free_port, init_ray
-from ray_med.serving.app import build_app
+from ray_med.serving.app import app_config, build_app
 from ray_med.serving.client import demo_requests, print_serve_check
 from ray_med.serving.config import ServeCheckConfig, ServeCheckOutputs
+from ray_med.serving.guards import read_api_key
 from ray_med.tasks import get_task, task_data
 
 
@@ -100,11 +101,15 @@ def run_serve_check(cfg: ServeCheckConfig, ctx: RunContext) -> ServeCheckOutputs
     rf = task_data(get_task("pubmedqa_rf"), records[:1])
     args = config["applications"][0].get("args", {})
     classifiers, adapters = args.get("classifiers") or {}, args.get("adapters") or {}
+    app_cfg = app_config(args)
+    # The check is a client too: it sends the key the gateway will ask for.
+    api_key = read_api_key(app_cfg.auth, env={**os.environ, **app_cfg.gateway.env})
     init_ray(cfg.run)
     with running(config, port=cfg.port or None) as url:
         rows = demo_requests(url, question=item.question, context=item.context, classify_text=rf.texts[0],
                              classify_pair=rf.pairs[0] if rf.pairs else None,
-                             classifier=next(iter(classifiers), ""), adapter=next(iter(adapters), None))
+                             classifier=next(iter(classifiers), ""), adapter=next(iter(adapters), None),
+                             api_key=api_key)
     written = None
     target = cfg.write_config or (os.path.join(cfg.run.storage, "serve_tiny.yaml") if "://" not in cfg.run.storage
                                   else None)

@@ -10,11 +10,14 @@ and both call the same functions as the offline evaluation job
 
 from __future__ import annotations
 
+import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ray_med.adapters.classifier import (
     adapter_folders,
@@ -46,6 +49,25 @@ def set_threads(n: int) -> None:
     """Use ``n`` intra-op threads (0 leaves torch's default)."""
     if n > 0:
         torch.set_num_threads(n)
+
+
+def sampling_seed(seed: int | None) -> int:
+    """The request's seed, or a fresh random one: unseeded sampling differs from call to call."""
+    return secrets.randbits(63) if seed is None else seed
+
+
+class Cancelled(StoppingCriteria):
+    """Stops generation between tokens once ``flag`` is set (the request was cancelled or timed out)."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.flag.is_set(), device=input_ids.device, dtype=torch.bool)
+
+
+def _stops(cancel: threading.Event | None) -> StoppingCriteriaList | None:
+    return None if cancel is None else StoppingCriteriaList([Cancelled(cancel)])
 
 
 @dataclass
@@ -98,10 +120,15 @@ class LMEngine:
         with self.lm.use(adapter) as model:
             return top_token(model, self.tokenizer, prompts, choices)
 
-    def chain_of_thought(self, prompt: list[int], choices: Sequence[str], cfg: QAConfig,
-                         adapter: str | None) -> QAResult:
+    def chain_of_thought(self, prompt: list[int], choices: Sequence[str], cfg: QAConfig, adapter: str | None, *,
+                         seed: int | None = None, cancel: threading.Event | None = None) -> QAResult:
+        """cot or sc_cot; sc_cot samples with ``seed`` (None: a random one), and stops early once ``cancel`` is set.
+
+        ``cfg.seed`` chose the prompt's exemplars; the sampling seed is the request's own.
+        """
+        cfg = replace(cfg, seed=sampling_seed(seed))
         with self.lm.use(adapter) as model:
-            return chain_of_thought(model, self.tokenizer, prompt, choices, cfg)
+            return chain_of_thought(model, self.tokenizer, prompt, choices, cfg, stopping_criteria=_stops(cancel))
 
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
         """Prompt ids, or a clear error when the prompt and the tokens to generate overflow the context."""
@@ -112,17 +139,23 @@ class LMEngine:
                                 f"exceeds the model's {context}-token context")
         return ids
 
-    def generate(self, prompt: list[int], *, max_new_tokens: int, temperature: float, seed: int,
-                 adapter: str | None) -> str:
-        with self.lm.use(adapter) as model:
-            return generate(model, self.tokenizer, prompt, temperature=temperature,
-                            max_new_tokens=max_new_tokens, seed=seed)[0]
+    def generate(self, prompt: list[int], *, max_new_tokens: int, temperature: float, seed: int | None,
+                 adapter: str | None, cancel: threading.Event | None = None) -> str:
+        """One continuation; sampled with ``seed`` (None: a random one) when ``temperature`` > 0.
 
-    def complete(self, text: str, *, max_new_tokens: int, temperature: float, seed: int,
-                 adapter: str | None) -> Generation:
+        Generation checks ``cancel`` between tokens and stops once it is set, so a
+        cancelled or timed-out request frees the model within one token.
+        """
+        with self.lm.use(adapter) as model:
+            return generate(model, self.tokenizer, prompt, temperature=temperature, max_new_tokens=max_new_tokens,
+                            seed=sampling_seed(seed), stopping_criteria=_stops(cancel))[0]
+
+    def complete(self, text: str, *, max_new_tokens: int, temperature: float, seed: int | None,
+                 adapter: str | None, cancel: threading.Event | None = None) -> Generation:
         """Encode, check, generate and count: one generation request."""
         ids = self.encode_prompt(text, max_new_tokens)
-        out = self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, adapter=adapter)
+        out = self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, adapter=adapter,
+                            cancel=cancel)
         return Generation(out, len(ids), len(self.tokenizer(out, add_special_tokens=False)["input_ids"]))
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:

@@ -2,7 +2,9 @@
 
 Limits that protect a replica (input length, sample counts, token budgets) are part of
 the schema, so an oversized request is refused with a 4xx before it reaches a model.
-The length limits here are the defaults; the app re-checks against its configured ones.
+``MAX_CHARS`` is a hard ceiling (the gateway answers a text past it with 413, like one
+past its configured ``max_input_chars``). A ``seed`` makes sampling repeatable; without
+one every sampled request draws a fresh seed.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_CHARS = 100_000  # hard ceiling; the app's max_input_chars is the working limit
 
 
 def _seed() -> object:
-    return Field(default=None, ge=0, lt=2**63)  # torch.manual_seed's range
+    # torch.manual_seed's range; none: a random seed per request
+    return Field(default=None, ge=0, lt=2**63, description="sampling seed, for repeatable samples; default: random")
 
 
 class _Strict(BaseModel):
@@ -42,8 +46,9 @@ class QARequest(_Strict):
             raise ValueError("needs between 2 and 26 options")
         if any(not k.strip() or len(k) > 16 for k in v):
             raise ValueError("option keys must be 1-16 characters (e.g. letters)")
-        if any(len(t) > MAX_CHARS for t in v.values()):
-            raise ValueError(f"an option is longer than {MAX_CHARS} characters")
+        if any(len(t) > MAX_CHARS for t in v.values()):  # an over-long input: 413, as for every text field
+            raise PydanticCustomError("string_too_long", "an option is longer than {limit} characters",
+                                      {"limit": MAX_CHARS})
         return v
 
 
@@ -75,7 +80,7 @@ class GenerateRequest(_Strict):
     prompt: str = Field(min_length=1, max_length=MAX_CHARS)
     max_new_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    seed: int = Field(default=0, ge=0, lt=2**63)
+    seed: int | None = _seed()
     image: str | None = Field(default=None, description="base64 PNG/JPEG, for multimodal models")
     adapter: str | None = None
 

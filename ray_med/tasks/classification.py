@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ray_med.data.records import Record
-from ray_med.errors import DataError
+from ray_med.errors import ConfigError, DataError
 from ray_med.tasks.registry import Task
 
 
@@ -106,6 +106,54 @@ def stratified_split(y: np.ndarray, n_dev: int, seed: int = 0) -> tuple[np.ndarr
     dev_idx = np.sort(np.asarray(dev))
     train_idx = np.setdiff1d(np.arange(n), dev_idx)
     return train_idx, dev_idx
+
+
+SPLIT_NAMES = ("train", "dev", "test")
+
+
+def split_count(size: float, n: int) -> int:
+    """A split size as a number of the ``n`` examples: a fraction in (0, 1) of them, or a count >= 1."""
+    if isinstance(size, float):
+        return round(size * n)
+    return int(size)
+
+
+@dataclass
+class Splits:
+    """Indices of the train, dev and test splits of one :class:`TaskData` (disjoint, sorted)."""
+
+    train: np.ndarray
+    dev: np.ndarray
+    test: np.ndarray
+    seed: int
+
+    def ids(self, data: TaskData) -> dict[str, list[str]]:
+        """The record ids of each split, as ``splits.json`` holds them."""
+        return {name: [data.ids[i] for i in getattr(self, name)] for name in SPLIT_NAMES}
+
+
+def train_dev_test_split(
+    y: np.ndarray, dev_size: float, test_size: float, seed: int = 0, *, where: str = "data"
+) -> Splits:
+    """Seeded stratified train/dev/test splits; each size is a fraction in (0, 1) of all examples or a count.
+
+    The test split is drawn first from all examples, then dev from the rest, each keeping
+    the class proportions (:func:`stratified_split`). A split that would be empty is a
+    :class:`ConfigError` naming the key (``<where>.dev_size`` / ``<where>.test_size``).
+    """
+    n = len(y)
+    n_dev, n_test = split_count(dev_size, n), split_count(test_size, n)
+    for key, size, count in (("test_size", test_size, n_test), ("dev_size", dev_size, n_dev)):
+        if count < 1:
+            raise ConfigError(f"{where}.{key}={size} selects no example of {n}: the {key[:-5]} split would be "
+                              f"empty; give a count >= 1 or a larger fraction")
+    if n - n_dev - n_test < 1:
+        raise ConfigError(f"{where}.dev_size={dev_size} ({n_dev}) + {where}.test_size={test_size} ({n_test}) "
+                          f"leave no training example of {n}; make them smaller")
+    rest, test = stratified_split(y, n_test, seed=seed)
+    # A different stream for dev, so dev is not the test draw repeated on the rest.
+    train_rel, dev_rel = stratified_split(y[rest], n_dev, seed=seed + 1)
+    return Splits(train=rest[train_rel], dev=rest[dev_rel], test=test, seed=seed)
 
 
 def class_weights(y: np.ndarray, num_labels: int) -> np.ndarray:

@@ -4,7 +4,10 @@ Warmup is counted in optimizer steps (Clinical LLaMA-LoRA passed a ratio where a
 count was expected). The loss is class-weighted cross-entropy with weights N/(K·n_k),
 plain cross-entropy, or BCE for multi-label. After every epoch the dev set is scored;
 early stopping watches dev macro AUROC, and the best epoch's trainable weights are the
-ones kept. Each epoch's order is a permutation seeded by (seed, epoch), so a run that
+ones kept. Dev only selects: having been chosen on, its AUROC is optimistic, so the
+metrics a run reports come from a separate test split that the worker scores once,
+after training (the driver makes the splits, ``tasks.classification.train_dev_test_split``).
+Each epoch's order is a permutation seeded by (seed, epoch), so a run that
 resumes from an epoch's checkpoint sees exactly the order it would have seen.
 """
 
@@ -52,6 +55,7 @@ def train_classifier(
     reduce_mean: Callable[[float], float] = float,
     log: Callable[[str], None] = lambda _: None,
     name: str = "downstream",
+    on_step: Callable[[Any], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Train, early-stop on dev macro AUROC, restore the best epoch; return the history.
 
@@ -67,7 +71,7 @@ def train_classifier(
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rank, world = shard
     n = len(train.y)
-    steps_per_epoch = math.ceil(n / world / cfg.batch_size)
+    steps_per_epoch = math.ceil(n // world / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps
@@ -95,7 +99,10 @@ def train_classifier(
         return StepResult(loss.detach(), int(mask.sum()), float(norm), lr)
 
     def batches(epoch: int, skip: int) -> Iterator[torch.Tensor]:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))[rank::world]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        # Every rank takes n // world items, so all make the same number of steps (DDP's
+        # all-reduce waits for every rank); the remainder waits for the next epoch's order.
+        order = order[: n // world * world][rank::world]
         for b, i in enumerate(range(0, len(order), cfg.batch_size)):
             if b >= skip:
                 yield order[i : i + cfg.batch_size]
@@ -145,7 +152,7 @@ def train_classifier(
         settings, step=step, batches=batches, evaluate=evaluate, report=publish,
         save=checkpoints.saver(write) if checkpoints is not None else None,
         load=checkpoints.loader(read) if checkpoints is not None else (lambda: None),
-        reduce_mean=reduce_mean, on_best=snapshot, restore_best=restore, log=log,
+        reduce_mean=reduce_mean, on_best=snapshot, restore_best=restore, log=log, on_step=on_step,
     )
     epochs = [r for r in state.history if "train_loss" in r]
     return {"history": epochs, "best_epoch": state.best_epoch, "best_dev_auroc": state.best}

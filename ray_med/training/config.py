@@ -192,13 +192,15 @@ class ClassifyTrainConfig:
     loss: Literal["weighted_ce", "ce", "bce"] = "weighted_ce"
     """weighted_ce (N/(K n_k) class weights), ce, or bce (multi-label)."""
     patience: int = 2
-    """Stop after this many epochs without a better dev macro AUROC."""
+    """Stop after this many epochs without a better dev macro AUROC (the dev split, never the test split)."""
     max_length: int = 256
     """Tokens per example (question + context are truncated to fit)."""
     grad_clip: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
     log_every: int = 0
     """Log a step line every N steps (0: one line per epoch)."""
+    fail_at_step: int | None = None
+    """Test only: rank 1 (or 0 with one worker) exits once at this step to exercise recovery."""
 
 
 @dataclass
@@ -213,10 +215,25 @@ class TaskDataConfig:
     """The data file: relative to data.root, absolute, or pkg://package/path."""
     reader: str | None = None
     """Reader format; default: the task's own."""
-    dev_size: int = 50
-    """Examples held out (stratified) for early stopping and the reported metrics."""
+    dev_size: int | float = 0.1
+    """Dev split (stratified): early stopping and the best epoch. A count >= 1, or a fraction in (0, 1) of the data."""
+    test_size: int | float = 0.2
+    """Test split (stratified), never trained on or selected on: the reported metrics and CIs. A count >= 1, or a
+    fraction in (0, 1) of the data."""
+    split_seed: int | None = None
+    """Seed of the train/dev/test split; default: run.seed."""
     on_error: Literal["raise", "skip"] = "raise"
     """Malformed records: raise, or count and skip."""
+
+    def __post_init__(self) -> None:
+        for key in ("dev_size", "test_size"):
+            size = getattr(self, key)
+            if (isinstance(size, float) and not 0.0 < size < 1.0) or (isinstance(size, int) and size < 1):
+                raise ConfigError(f"data.{key} must be a count >= 1 or a fraction in (0, 1), got {size}")
+        fractions = [getattr(self, k) for k in ("dev_size", "test_size") if isinstance(getattr(self, k), float)]
+        if len(fractions) == 2 and sum(fractions) >= 1:
+            raise ConfigError(f"data.dev_size + data.test_size = {self.dev_size + self.test_size:g} leave no "
+                              "training data; make them smaller")
 
 
 @dataclass
@@ -274,13 +291,13 @@ class FinetuneOutputs:
     adapter_dir: str
     """domain: the PEFT adapter folder; downstream: the classifier folder (adapter + head)."""
     metrics: dict[str, Any] = field(default_factory=dict)
-    """domain: the last reported metrics; downstream: the dev metrics with CIs."""
+    """domain: the last reported metrics; downstream: the test split's metrics with CIs."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """Every logged step / epoch and evaluation."""
 
     def headline(self) -> tuple[str, Any]:
         if self.stage == "downstream":
-            return "dev_auroc_macro", self.metrics.get("auroc_macro")
+            return "test_auroc_macro", self.metrics.get("auroc_macro")
         evals = [r for r in self.history if any(k.endswith("/perplexity") for k in r)]
         if evals:
             ppl = [v for k, v in evals[-1].items() if k.endswith("/perplexity")]

@@ -7,30 +7,35 @@
   ``<output_dir>/adapter``.
 * ``stage: downstream`` trains a classifier: the base, the stage-1 adapter (optional;
   frozen or trainable), a new downstream adapter (optional) and a head, on a task's
-  stratified train split, early-stopping on dev macro AUROC
-  (:mod:`~ray_med.training.downstream_worker`). It writes ``<output_dir>/adapter`` (the
-  classifier folder, :mod:`ray_med.adapters.classifier`), ``metrics.json`` (AUROC,
-  AUPRC, macro F1 and accuracy with bootstrap CIs), ``predictions.jsonl`` and
-  ``plots/epochs.png``.
+  train split, early-stopping on (and keeping the best epoch by) dev macro AUROC
+  (:mod:`~ray_med.training.downstream_worker`). The seeded, stratified train/dev/test
+  split is made here and written first, as ``<output_dir>/splits.json`` (the ids of
+  each split). It writes ``<output_dir>/adapter`` (the classifier folder,
+  :mod:`ray_med.adapters.classifier`), ``metrics.json`` (AUROC, AUPRC, macro F1 and
+  accuracy with bootstrap CIs, on the test split: never trained on nor selected on),
+  ``predictions.jsonl`` (the test split) and ``plots/epochs.png``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
 
-from ray_med.adapters.registry import check_adapter_dir
+from ray_med.adapters.registry import METHODS, method_of_folder
 from ray_med.data import read_records
 from ray_med.data.config import resolve_path
 from ray_med.errors import ConfigError
 from ray_med.models import load_config
-from ray_med.runtime import RunContext, init_ray
-from ray_med.tasks import get_task, stratified_split, task_data
+from ray_med.runtime import RunContext, Storage, init_ray, localize
+from ray_med.tasks import get_task, task_data
+from ray_med.tasks.classification import train_dev_test_split
 from ray_med.training.config import FinetuneConfig, FinetuneOutputs, PretrainConfig
 from ray_med.training.downstream_worker import DownstreamSpec, downstream_worker
+from ray_med.training.preflight import check_adapter, check_batches, meta_model
 from ray_med.training.pretrain import train_lm
-from ray_med.training.trainer import build_trainer, threads_per_worker
+from ray_med.training.trainer import build_trainer, fit, threads_per_worker
 
 log = logging.getLogger("ray_med.finetune")
 
@@ -70,36 +75,59 @@ def _run_downstream(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
         raise ConfigError("downstream: set model.path to the base model folder (a preset has no trained weights)")
     base_path = resolve_path(cfg.model.path)
     # Check the folders here, before any worker starts: a typo should be one line, not a
-    # worker-group traceback minutes later.
-    load_config(base_path)
+    # worker-group traceback minutes later. A folder in remote storage is downloaded once
+    # (runtime.localize's cache); the workers read it from the URI.
+    local_base = localize(base_path, what="model folder")
+    load_config(local_base)
+    if cfg.setting == "full" and cfg.domain_adapter:
+        raise ConfigError("setting=full fine-tunes every weight and takes no adapters; set domain_adapter=null")
     if cfg.domain_adapter:
-        check_adapter_dir(cfg.domain_adapter)
+        method = method_of_folder(localize(cfg.domain_adapter, what="domain adapter folder"))
+        if method is None or not method.stackable:
+            raise ConfigError(f"domain_adapter {cfg.domain_adapter}: a stage-1 adapter under a classifier must be "
+                              f"one of {', '.join(m.name for m in METHODS.values() if m.stackable)}")
+    if cfg.setting == "adapter":
+        check_adapter(meta_model(replace(cfg.model, path=local_base)), cfg.adapter, task_type=None,
+                      stage="downstream")
     data_path = cfg.data.path
     if not data_path.startswith("pkg://") and not Path(data_path).expanduser().is_absolute():
         data_path = str(Path(cfg.data.root) / data_path)
     data_path = resolve_path(data_path)
     records = read_records(cfg.data.reader or task.reader, data_path, on_error=cfg.data.on_error).records
     data = task_data(task, records)
-    train_idx, dev_idx = stratified_split(data.y, cfg.data.dev_size, seed=cfg.run.seed)
+    split_seed = cfg.run.seed if cfg.data.split_seed is None else cfg.data.split_seed
+    splits = train_dev_test_split(data.y, cfg.data.dev_size, cfg.data.test_size, seed=split_seed)
+    train_idx, dev_idx = splits.train, splits.dev
+    check_batches(len(train_idx), batch_size=cfg.train.batch_size, workers=cfg.scaling.num_workers,
+                  what="the training split", unit="items", fix="lower train.batch_size or scaling.num_workers")
     out_dir = cfg.output_dir or ctx.dir
-    if "://" in out_dir:
-        raise ConfigError("downstream: output_dir must be a local or shared-filesystem path for now")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    out = Storage.parse(out_dir)  # a local folder or a URI: every output goes through it
+    # The ids of every split, beside the metrics: evaluate.py classify scores the test split
+    # from it (not the whole file, which holds the training items too).
+    split_ids = splits.ids(data)
+    out.write_text("splits.json", json.dumps({
+        "task": task.name, "data": data_path, "reader": cfg.data.reader or task.reader, "seed": split_seed,
+        "dev_size": cfg.data.dev_size, "test_size": cfg.data.test_size,
+        "n": {k: len(v) for k, v in split_ids.items()}, **split_ids,
+    }, indent=1) + "\n")
     init_ray(cfg.run)
     threads = threads_per_worker(cfg.scaling)
     spec = DownstreamSpec(
         cfg=cfg, base_path=base_path, train=data.take(train_idx), dev=data.take(dev_idx),
-        task_type=task.task_type, ordinal=task.ordinal, out_dir=str(Path(out_dir).resolve()), threads=threads,
+        test=data.take(splits.test),
+        task_type=task.task_type, ordinal=task.ordinal, out_dir=out.uri, threads=threads,
     )
     trainer = build_trainer(downstream_worker, {"spec": spec}, scaling=cfg.scaling, ctx=ctx, threads=threads,
                             keep_checkpoints=cfg.checkpoint.keep)
-    result = trainer.fit()
+    result = fit(trainer)
     metrics = result.return_value
     lo, hi = metrics["auroc_macro_ci"]
-    print(f"\n{task.name} ({cfg.setting}): dev macro AUROC {metrics['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}], "
-          f"accuracy {metrics['accuracy']:.4f}, trainable {metrics['trainable']:,} of {metrics['total']:,}")
+    print(f"\n{task.name} ({cfg.setting}): test macro AUROC {metrics['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}] "
+          f"on {metrics['n']} items (best dev AUROC {metrics['best_dev_auroc']:.4f} at epoch "
+          f"{metrics['best_epoch']}), accuracy {metrics['accuracy']:.4f}, "
+          f"trainable {metrics['trainable']:,} of {metrics['total']:,}")
     print(f"classifier:  {out_dir}/adapter  (evaluate.py classify and the Serve app load it)")
     print(f"metrics:     {out_dir}/metrics.json  predictions: {out_dir}/predictions.jsonl  "
-          f"plot: {out_dir}/plots/epochs.png")
+          f"splits: {out_dir}/splits.json  plot: {out_dir}/plots/epochs.png")
     return FinetuneOutputs(run_dir=ctx.dir, stage="downstream", adapter_dir=f"{out_dir}/adapter", metrics=metrics,
                            history=metrics["history"])

@@ -23,7 +23,15 @@ inside every checkpoint, so a restarted run continues exactly where it stopped.
 Collectives: with several data-parallel ranks, every rank must make the same calls in
 the same order. The loop guarantees its part: ``reduce_mean``, ``report`` and ``save``
 are called at the same steps on every rank, as long as every rank's ``batches`` yields
-the same number of micro-batches.
+the same number of micro-batches. The callers' rule (README, "Uneven data"): training
+shards drop the remainder, so every rank gets ``n // world`` items of each epoch's
+permutation (at most ``world - 1`` items wait for the next epoch's order); evaluation
+pads every rank to the same number of batches with forwards whose output is not
+counted, so every held-out item counts exactly once.
+
+Throughput: ``tokens_per_s`` in a logged row is the tokens of the steps since the
+previous row over the training time they took; evaluation, reports and checkpoints in
+between are paused out of the window, whichever steps they fall on.
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ class LoopSettings:
     """Peak FLOP/s of one device; 0 leaves MFU out."""
     world: int = 1
     """Data-parallel ranks (throughput is summed over them)."""
+    tags: dict[str, Any] = field(default_factory=dict)
+    """Constant facts added to every logged row (e.g. the ZeRO stage really used)."""
 
 
 @dataclass
@@ -149,14 +159,15 @@ def _no_checkpoint(_: LoopState) -> Iterator[None]:
 class _Window:
     """Throughput over the training time since the last row: evaluation, reports and checkpoints excluded."""
 
-    def __init__(self) -> None:
-        self.tokens, self.seconds, self._t0 = 0, 0.0, time.perf_counter()
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.tokens, self.seconds, self._t0 = 0, 0.0, clock()
 
     def resume(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = self._clock()
 
     def pause(self) -> None:
-        self.seconds += time.perf_counter() - self._t0
+        self.seconds += self._clock() - self._t0
 
     def take(self) -> float:
         """Tokens/s of the window, then start a new one."""
@@ -181,8 +192,12 @@ def run_loop(
     restore_best: Callable[[], None] = _noop,
     on_step: Callable[[LoopState], None] = _noop,
     log: Callable[[str], None] = _noop,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> LoopState:
-    """Train until ``max_steps`` or ``epochs`` (or early stopping); return the final state."""
+    """Train until ``max_steps`` or ``epochs`` (or early stopping); return the final state.
+
+    ``clock`` times the throughput window and the epochs (a test passes a fake one).
+    """
     s = settings
     if s.max_steps is None and s.epochs is None:
         raise ValueError("the loop needs max_steps or epochs")
@@ -194,7 +209,7 @@ def run_loop(
     if evaluate is not None and s.eval_at_start and state.step == 0 and not state.history:
         state.history.append({"step": 0, **_evaluate(evaluate, s, state, log)})
 
-    window = _Window()
+    window = _Window(clock)
     row: dict[str, Any] = {}
 
     def checkpoint(metrics: dict[str, Any]) -> None:
@@ -210,7 +225,7 @@ def run_loop(
         return s.epochs is not None and state.epoch >= s.epochs
 
     while not (steps_done() or epochs_done() or state.stopped_early):
-        seen, epoch_losses, t_epoch = 0, [], time.perf_counter()
+        seen, epoch_losses, t_epoch = 0, [], clock()
         for batch in batches(state.epoch, state.batches_in_epoch):
             state.micro += 1
             boundary = state.micro == s.grad_accum
@@ -261,7 +276,7 @@ def run_loop(
                 window.resume()
                 epoch_row.update(metrics)
                 _track_best(s, state, metrics, on_best)
-            epoch_row["epoch_s"] = time.perf_counter() - t_epoch
+            epoch_row["epoch_s"] = clock() - t_epoch
             state.history.append(epoch_row)
             log(_epoch_progress(s, epoch_row))
             checkpoint(epoch_row)
@@ -304,6 +319,7 @@ def _row(s: LoopSettings, state: LoopState, res: StepResult, loss: float, tokens
         "tokens": state.tokens,
         "epoch": state.epoch,
         "time": time.time(),
+        **s.tags,
     }
 
 

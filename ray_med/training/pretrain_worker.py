@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from ray_med.adapters.registry import get_method
 from ray_med.evaluation.perplexity import lm_nll
 from ray_med.models import build_or_load, count_parameters, save_pretrained
 from ray_med.models.config import ModelConfig
-from ray_med.runtime import Storage, seed_everything
+from ray_med.runtime import Storage, localize, seed_everything
 from ray_med.training.config import (
     CheckpointSettings,
     DeepSpeedSettings,
@@ -50,6 +49,7 @@ from ray_med.training.worker import (
     reduce_mean,
     report,
     say,
+    test_fault,
     worker_info,
 )
 
@@ -95,24 +95,6 @@ def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
-def _fault(spec: WorkerSpec, rank: int, world: int) -> Any:
-    """The test-only fault: one designated rank dies once, at ``fail_at_step``."""
-
-    def on_step(state: LoopState) -> None:
-        if spec.train.fail_at_step is None or state.step != spec.train.fail_at_step:
-            return
-        if rank != (1 if world > 1 else 0):
-            return
-        marker = Path(tempfile.gettempdir()) / f"ray_med-failed-{spec.run_name}"
-        if marker.exists():
-            return
-        marker.write_text(str(state.step))
-        say(f"[{spec.name}] test fault: rank {rank} exits at step {state.step}")
-        os._exit(1)
-
-    return on_step
-
-
 def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Ray Train ``train_loop_per_worker``: ``config["spec"]`` is a :class:`WorkerSpec`.
 
@@ -140,12 +122,17 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         torch.cuda.set_device(device)
 
     t = spec.train
-    model = build_or_load(spec.model, vocab_size=spec.vocab_size)
+    # A model in remote storage is downloaded once per node (runtime.localize's cache).
+    mcfg = dataclasses.replace(spec.model, path=localize(spec.model.path)) if spec.model.path else spec.model
+    model = build_or_load(mcfg, vocab_size=spec.vocab_size)
     if spec.adapter is not None:
         # The method freezes the base; only the adapter reaches the optimizer.
         model = get_method(spec.adapter.method).inject(model, spec.adapter)
-    # The input embedding is a lookup, not a matmul: it does not count towards 6N.
-    n_matmul = count_parameters(model) - model.get_input_embeddings().weight.numel()
+    # The input embedding is a lookup, not a matmul: it counts towards neither 6N nor 4N.
+    embedding = model.get_input_embeddings().weight
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - (
+        embedding.numel() if embedding.requires_grad else 0)
+    n_frozen = count_parameters(model) - embedding.numel() - n_trainable
     optimizer = torch.optim.AdamW(
         _param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=spec.optim.betas,
         eps=spec.optim.eps, fused=spec.use_gpu,
@@ -198,8 +185,9 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         engine.eval()
         out: dict[str, float] = {}
         for name, blocks in spec.eval_blocks.items():
-            acc = lm_nll(lambda ids: engine(input_ids=ids), blocks[rank::world], batch_size=t.micro_batch_size,
-                         device=device)
+            # Every rank makes the same number of forwards (ZeRO-3 gathers weights in each).
+            acc = lm_nll(lambda ids: engine(input_ids=ids), blocks, batch_size=t.micro_batch_size, device=device,
+                         rank=rank, world=world)
             sums = torch.tensor([acc.total_nll, float(acc.tokens)], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(sums)
@@ -210,25 +198,39 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         return out
 
     def read(folder: Path) -> None:
-        loaded, _ = engine.load_checkpoint(str(folder), tag=CKPT_TAG)
+        loaded, _ = engine.load_checkpoint(str(folder), tag=CKPT_TAG, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
         if loaded is None:  # DeepSpeed returns None rather than raising when it finds nothing to load
             raise RuntimeError(f"DeepSpeed found no checkpoint to resume from in {folder}")
+
+    checkpoints = RayCheckpoints(rank)
+    checkpoints_loader = checkpoints.loader(read)
+
+    def load() -> LoopState | None:
+        state = checkpoints_loader()
+        # The DeepSpeed shard and the loop state come from the same save: their steps agree,
+        # or resuming would pair one step's weights with another step's data position.
+        if state is not None and engine.global_steps != state.step:
+            raise RuntimeError(f"checkpoint mismatch: DeepSpeed is at step {engine.global_steps}, "
+                               f"the loop state at step {state.step}")
+        return state
 
     settings = LoopSettings(
         name=spec.name, max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
         eval_every=spec.eval.every_steps if spec.eval_blocks else 0, eval_at_start=bool(spec.eval_blocks),
         report_every=t.report_every, checkpoint_every=spec.checkpoint.every_steps,
-        flops_per_token=flops_per_token(n_matmul, model.config.num_hidden_layers, model.config.hidden_size,
-                                        t.seq_len),
+        flops_per_token=flops_per_token(n_trainable, model.config.num_hidden_layers, model.config.hidden_size,
+                                        t.seq_len, n_frozen=n_frozen),
         peak_flops=t.peak_flops, world=world,
+        # The stage really used (one worker runs stage 0), for the benchmark and the record.
+        tags={"zero_stage": ds.zero_stage, "world": world},
     )
-    checkpoints = RayCheckpoints(rank)
     engine.train()
     state = run_loop(
         settings, step=step, batches=batches, evaluate=evaluate if spec.eval_blocks else None, report=report,
         # Local mode keeps no checkpoints (Ray Train's local mode has no storage for them).
         save=None if local else checkpoints.saver(lambda folder: engine.save_checkpoint(str(folder), tag=CKPT_TAG)),
-        load=checkpoints.loader(read), reduce_mean=reduce_mean(world), on_step=_fault(spec, rank, world),
+        load=load, reduce_mean=reduce_mean(world), on_step=test_fault(t.fail_at_step, spec.name, rank, world),
         log=say if rank == 0 else lambda _: None,
     )
     _export(engine, spec, ds.zero_stage, rank, state.history, deepspeed)

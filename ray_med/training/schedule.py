@@ -3,9 +3,12 @@
 The schedule is Meditron's: linear warmup, then cosine decay to ``min_lr_ratio`` of
 the peak (10%) at ``max_steps``. Warmup is counted in optimizer steps.
 
-Training FLOPs per token follow the PaLM appendix B accounting: 6 per parameter
-(forward + backward matmuls) plus the attention score and value products,
-12 · layers · hidden · seq_len. MFU is achieved FLOP/s over the hardware's peak.
+Training FLOPs per token follow the PaLM appendix B accounting: 6 per trainable
+parameter (forward 2, backward 4: the gradient of the activations and of the weight)
+plus the attention score and value products, 12 · layers · hidden · seq_len. A frozen
+parameter (an adapter's base model) costs 4: the forward and the activations'
+gradient, which the backward pass still needs to reach the adapters below it, but no
+weight gradient. MFU is achieved FLOP/s over the hardware's peak.
 """
 
 from __future__ import annotations
@@ -23,9 +26,15 @@ def lr_at(step: int, *, peak: float, warmup_steps: int, max_steps: int, min_lr_r
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N + 12·L·H·S (PaLM, appendix B)."""
-    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, *, n_frozen: int = 0) -> float:
+    """Training FLOPs per token: 6·N_trainable + 4·N_frozen + 12·L·H·S (PaLM, appendix B).
+
+    ``n_params`` counts the trainable matmul weights, ``n_frozen`` the frozen ones (the
+    base under an adapter). 4 per frozen weight assumes the activations' gradient flows
+    through every frozen layer, true when adapters sit in every layer or at the input
+    (LoRA, prefix, prompt); it is an upper bound when only the top is trained.
+    """
+    return 6.0 * n_params + 4.0 * n_frozen + 12.0 * n_layers * hidden * seq_len
 
 
 def mfu(tokens_per_s: float, flops_token: float, peak_flops: float) -> float:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ray_med import errors
@@ -79,6 +79,18 @@ def fit(trainer: TorchTrainer) -> Any:
     return result
 
 
+def _ordered_ingest() -> DataConfig:
+    """Train's default ingest, with each shard's batches in the dataset's order.
+
+    Without ``preserve_order`` Ray Data hands a shard its blocks as they become ready, so
+    two runs with the same seed (or a run and its restart) train on different batches and
+    skipping the consumed batches on resume would not land where the run stopped.
+    """
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def build_trainer(
     worker: Callable[[dict[str, Any]], Any],
     worker_config: dict[str, Any],
@@ -109,5 +121,6 @@ def build_trainer(
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets or {},
+        dataset_config=_ordered_ingest(),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
     )

@@ -2,9 +2,10 @@
 
 The training loop (:mod:`ray_med.training.loop`) knows nothing of Ray; a worker function
 hands it the callables built here: ``report`` is ``ray.train.report`` (a barrier: every
-rank calls it at the same steps), ``checkpoint_dir`` turns a save into a Ray Train
-checkpoint, ``latest_checkpoint`` opens the one a restarted or resubmitted run resumes
-from, and ``reduce_mean`` averages a number over the ranks.
+rank calls it at the same steps), :class:`RayCheckpoints` turns a save into a Ray Train
+checkpoint and opens the one a restarted or resubmitted run resumes from,
+``reduce_mean`` averages a number over the ranks, and ``test_fault`` is the test-only
+worker kill of ``fail_at_step``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,27 @@ def reduce_mean(world: int) -> Callable[[float], float]:
         return float(t[0]) / world
 
     return mean
+
+
+def test_fault(fail_at_step: int | None, name: str, rank: int, world: int) -> Callable[[LoopState], None]:
+    """The loop's ``on_step`` for the test-only fault: rank 1 (0 alone) really exits, once per run, at that step.
+
+    ``os._exit`` ends the worker process as a crash would (no cleanup, no exception for
+    Ray Train to see); a marker file named after the run stops the restarted group from
+    dying again.
+    """
+
+    def on_step(state: LoopState) -> None:
+        if fail_at_step is None or state.step != fail_at_step or rank != (1 if world > 1 else 0):
+            return
+        marker = Path(tempfile.gettempdir()) / f"ray_med-failed-{ray.train.get_context().get_experiment_name()}"
+        if marker.exists():
+            return
+        marker.write_text(str(state.step))
+        say(f"[{name}] test fault: rank {rank} exits at step {state.step}")
+        os._exit(1)
+
+    return on_step
 
 
 def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:

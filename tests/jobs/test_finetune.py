@@ -1,8 +1,8 @@
 """Two-stage adapter fine-tuning end to end on the shared local Ray, on real data.
 
 Stage 1 trains a domain LoRA as a causal LM on MTSamples over a tiny "pretrained" model;
-stage 2 stacks it (trainable) under a downstream LoRA with a head on PubMedQA; then
-`evaluate.py classify` rescores the saved classifier on the dev split.
+stage 2 stacks it (trainable) under a downstream LoRA with a head on PubMedQA (400 train /
+50 dev / 50 test); then `evaluate.py classify` rescores the saved classifier on the test split.
 """
 
 from __future__ import annotations
@@ -50,14 +50,25 @@ def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path
         f"run.storage={tmp_path}/runs", f"output_dir={out}", "train.epochs=2", "bootstrap=100", "merge=true",
     ]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["n"] == 50 and metrics["n_train"] == 450
+    assert metrics["split"] == "test" and metrics["n"] == 50 and metrics["n_dev"] == 50 and metrics["n_train"] == 400
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["n"] == {"train": 400, "dev": 50, "test": 50} and splits["task"] == "pubmedqa_rf"
+    assert len(set(splits["train"]) | set(splits["dev"]) | set(splits["test"])) == 500  # disjoint
     assert 0.0 <= metrics["auroc_macro"] <= 1.0 and len(metrics["auroc_macro_ci"]) == 2
     assert metrics["trainable_body"] > 0 and metrics["trainable"] < metrics["total"]
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "adapter" / "domain").is_dir()
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 50 and all(len(p["scores"]) == 3 for p in predictions)
+    assert [p["id"] for p in predictions] == splits["test"]  # the reported metrics are the test split's
 
-    ids = tmp_path / "dev_ids.txt"
+    # The run folder alone: evaluate.py classify takes the task, the file and the test ids from splits.json.
+    capsys.readouterr()
+    assert _job("evaluate")(["classify", "--model", str(out), "--max-length", "128", "--bootstrap", "100"]) == 0
+    default = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert default["split"] == "test" and default["n"] == 50
+    assert default["auroc_macro"] == pytest.approx(metrics["auroc_macro"], abs=1e-6)
+
+    ids = tmp_path / "test_ids.txt"
     ids.write_text("\n".join(p["id"] for p in predictions))
     capsys.readouterr()
     assert _job("evaluate")([

@@ -94,7 +94,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tm
     assert metrics["task"] == "pubmedqa_rf" and metrics["n"] == 50
     assert (down_dir / "adapter" / "domain" / "adapter_config.json").is_file()  # trained stage-1 adapter
     assert (down_dir / "plots" / "epochs.png").stat().st_size > 1000
-    assert "pubmedqa_rf dev metrics (50 examples" in out and "| auroc_macro |" in out
+    assert "pubmedqa_rf test metrics (50 examples" in out and "| auroc_macro |" in out
 
     # The serve stage deployed this run's model, domain adapter and classifier and got an
     # answer from every endpoint; it wrote the filled-in Serve config for `serve run`.
@@ -130,7 +130,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tm
     assert _pipeline_main()(args) == 0
     again = capsys.readouterr().out
     assert again.count("cached: ") == 5 and "pretraining finished" not in again
-    assert "| abstracts |" in again and "pubmedqa_rf dev metrics (50 examples" in again
+    assert "| abstracts |" in again and "pubmedqa_rf test metrics (50 examples" in again
     assert all(_attempts(d) == 1 for d in stages.values())
     assert (pre_dir / "metrics.json").stat().st_mtime_ns == trained
 

@@ -1,13 +1,20 @@
-"""`ray job submit` of the tiny pretraining job to a local `ray start --head` cluster.
+"""The README's cluster commands, as written, against a local `ray start --head` cluster.
 
-The submitted job trains in Ray Train's local mode (``scaling.num_workers=0``): what is
-tested here is the submission (working directory, runtime env, the head's Python, token
-auth); worker groups, restarts and checkpoints are tests/jobs/test_pretrain.py's.
+The README's block (the exports, then `ray job submit ... jobs/pipeline.py ...`) is read
+from the README and run with the local head's address and token, the shared data for
+`/mnt/data` and a local folder for `s3://bucket/runs`. The pipeline runs its data and
+pretraining stages, pretraining in Ray Train's local mode (``scaling.num_workers=0``):
+what is tested here is the submission (working directory, runtime env, the head's
+Python, token auth, paths); worker groups, restarts and checkpoints are
+tests/jobs/test_pretrain.py's, S3 is tests/jobs/test_storage.py's. The same command with
+a relative ``run.storage`` fails at once with one line.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,7 +31,35 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.submit, pytest.mark.slow, pytest.mark.deepspeed]
 
 
-def test_ray_job_submit_pretrain(shared_data: Path, tmp_path: Path) -> None:
+def readme_cluster_commands() -> tuple[dict[str, str], list[str]]:
+    """The exports and the `ray job submit` command of the README's cluster block."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "export RAY_AUTH_MODE" in b and "jobs/pipeline.py" in b]
+    exports, command = {}, None
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"]:
+            key, _, value = words[1].partition("=")
+            exports[key] = value
+        elif words[:3] == ["ray", "job", "submit"]:
+            command = words
+    assert command is not None, block
+    return exports, command
+
+
+def _submit(command: list[str], env: dict[str, str]) -> str:
+    # The job API answers before the head's dashboard agent registers; until then a
+    # submission is refused without starting anything, so retrying is safe.
+    for _ in range(30):
+        submit = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
+        log = submit.stdout + submit.stderr
+        if "No available agent to submit job" not in log:
+            return log
+        time.sleep(2)
+    return log
+
+
+def test_readme_cluster_commands(shared_data: Path, tmp_path: Path) -> None:
     bin_dir = str(Path(sys.executable).parent)
     ray = str(Path(bin_dir) / "ray")
     # The entrypoint's `python` is whatever is first on the head node's PATH: the project venv.
@@ -59,25 +94,36 @@ def test_ray_job_submit_pretrain(shared_data: Path, tmp_path: Path) -> None:
             assert head.poll() is None, "ray start --head exited"
             assert time.time() < deadline, f"the head never answered: {probe.stderr[-2000:]}"
             time.sleep(2)
-        command = [
-            ray, "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env", str(REPO / "cluster/runtime_env.yaml"), "--",
-             "python", "jobs/pretrain.py", "--config", "jobs/configs/pretrain/tiny.yaml",
-             f"corpus.root={shared_data}", f"run.storage={tmp_path}", "run.name=submitted",
-             "train.max_steps=4", "train.seq_len=64", "train.log_every=1", "tokenizer.vocab_size=512",
-             "checkpoint.every_steps=2", "eval.every_steps=100", "eval.max_sequences=4", "scaling.num_workers=0",
+        exports, command = readme_cluster_commands()
+        assert set(exports) == {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+        assert exports["RAY_AUTH_MODE"] == "token"
+        # This head's address, and its token (`ray start` made ~/.ray/auth_token if there was none).
+        env = {**env, "RAY_ADDRESS": address, "RAY_AUTH_MODE": exports["RAY_AUTH_MODE"],
+               "RAY_AUTH_TOKEN": (Path.home() / ".ray" / "auth_token").read_text().strip()}
+        assert "corpus.root=/mnt/data" in command and "run.storage=s3://bucket/runs" in command
+        storage = tmp_path / "runs"
+
+        # As written but with a relative run.storage: one line, exit 2, before any work.
+        relative = [("run.storage=runs" if a.startswith("run.storage=") else
+                     f"corpus.root={shared_data}" if a.startswith("corpus.root=") else a) for a in command]
+        log = _submit(relative, env)
+        assert "failed" in log.lower() and "Traceback" not in log, log[-4000:]
+        assert "error: run.storage='runs' is relative, and this job runs under `ray job submit`" in log, log[-4000:]
+
+        # As written, on this machine's data and storage; the data and pretraining stages, small.
+        command = [f"corpus.root={shared_data}" if a == "corpus.root=/mnt/data" else
+                   f"run.storage={storage}" if a == "run.storage=s3://bucket/runs" else a for a in command]
+        command += [
+            "tokenizer.vocab_size=512", "domain.enabled=false", "downstream.enabled=false", "serve.enabled=false",
+            "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.log_every=1, checkpoint.every_steps=2, "
+            "eval.every_steps=100, eval.max_sequences=4, scaling.num_workers=0]",
         ]
-        # The job API answers before the head's dashboard agent registers; until then a
-        # submission is refused without starting anything, so retrying is safe.
-        for _ in range(30):
-            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420)
-            log = submit.stdout + submit.stderr
-            if "No available agent to submit job" not in log:
-                break
-            time.sleep(2)
+        log = _submit(command, env)
         assert "succeeded" in log.lower(), log[-4000:]
-        assert "pretraining finished at step 4" in log
-        assert (tmp_path / "submitted" / "model" / "model.safetensors").is_file()
+        assert "pretraining finished at step 4" in log and "== stage: domain ==" not in log
+        (model,) = storage.glob("pretrain-*/model")
+        assert (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
+        assert not list(storage.glob("*/*.tmp-*"))  # every output was renamed into place
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

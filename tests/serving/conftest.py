@@ -7,6 +7,8 @@ would make an adapter a no-op), so two adapters really give different outputs.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,22 @@ def serve_models(tmp_path_factory, minilm_dir) -> dict[str, Path]:
     paths.update(build_classifiers(out, minilm_dir))
     (out / "manifest.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
+
+
+def make_png(width: int, height: int, *, claim: tuple[int, int] | None = None) -> bytes:
+    """A real PNG of width x height; ``claim``: a header rewritten to say another size (a decompression bomb's trick)."""
+    import numpy as np
+
+    from ray_med.data.records import encode_png
+
+    data = bytearray(encode_png(np.zeros((height, width), dtype=np.uint8)))
+    if claim is not None:  # after the 8-byte signature: length, b"IHDR", width, height, ..., CRC of type + data
+        data[16:24] = struct.pack(">II", *claim)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.fixture
+def png():
+    """:func:`make_png`, for tests."""
+    return make_png

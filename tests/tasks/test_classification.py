@@ -1,4 +1,4 @@
-"""Classification tasks: label spaces, pairs, stratified splits, class weights, the outcome CSV."""
+"""Classification tasks: label spaces, pairs, stratified train/dev/test splits, class weights, the outcome CSV."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ray_med.config import from_dict
 from ray_med.data import read_records
 from ray_med.errors import ConfigError, DataError
-from ray_med.tasks import class_weights, get_task, stratified_split, task_data
+from ray_med.tasks import TaskData, class_weights, get_task, stratified_split, task_data
+from ray_med.tasks.classification import train_dev_test_split
+from ray_med.training.config import FinetuneConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -33,6 +36,45 @@ def test_stratified_split_keeps_proportions() -> None:
     # 50 x (276, 169, 55) / 500 = 27.6, 16.9, 5.5 -> 28, 17, 5 by largest remainder.
     assert np.bincount(y[dev]).tolist() == [28, 17, 5]
     assert np.array_equal(stratified_split(y, 50, seed=0)[1], dev)
+
+
+def test_train_dev_test_split_is_disjoint_stratified_and_seeded() -> None:
+    y = np.array([0] * 276 + [1] * 169 + [2] * 55)
+    s = train_dev_test_split(y, 50, 0.2, seed=0)  # a count and a fraction (of all 500)
+    assert (len(s.train), len(s.dev), len(s.test)) == (350, 50, 100)
+    assert sorted(np.concatenate([s.train, s.dev, s.test]).tolist()) == list(range(500))  # disjoint, complete
+    # 100 x (276, 169, 55) / 500 = 55.2, 33.8, 11 -> 55, 34, 11; dev from the 400 left keeps them too.
+    assert np.bincount(y[s.test]).tolist() == [55, 34, 11]
+    assert np.bincount(y[s.dev]).tolist() == [28, 17, 5]
+    again = train_dev_test_split(y, 50, 0.2, seed=0)
+    assert all(np.array_equal(getattr(s, k), getattr(again, k)) for k in ("train", "dev", "test"))
+    other = train_dev_test_split(y, 50, 0.2, seed=1)
+    assert not np.array_equal(s.test, other.test)
+    ids = [f"r{i}" for i in range(500)]
+    data = TaskData(ids=ids, texts=ids, pairs=None, y=y, labels=["a", "b", "c"])
+    assert s.ids(data)["test"] == [ids[i] for i in s.test] and set(s.ids(data)) == {"train", "dev", "test"}
+
+
+@pytest.mark.parametrize("dev,test,message", [
+    (2, 0.01, r"data.test_size=0.01 selects no example of 40: the test split would be empty"),
+    (0.01, 5, r"data.dev_size=0.01 selects no example of 40: the dev split would be empty"),
+    (20, 20, r"leave no training example of 40"),
+])
+def test_empty_split_is_one_clear_config_error(dev, test, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train_dev_test_split(np.array([0, 1] * 20), dev, test)
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"test_size": 0}, "data.test_size must be a count >= 1 or a fraction in (0, 1), got 0"),
+    ({"dev_size": 1.0}, "data.dev_size must be a count >= 1 or a fraction in (0, 1), got 1.0"),
+    ({"dev_size": 0.5, "test_size": 0.5}, "leave no training data"),
+])
+def test_split_sizes_are_checked_when_the_config_loads(data, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        from_dict(FinetuneConfig, {"data": data})
+    cfg = from_dict(FinetuneConfig, {"data": {"dev_size": 50, "test_size": 0.2}})
+    assert isinstance(cfg.data.dev_size, int) and isinstance(cfg.data.test_size, float)
 
 
 def test_class_weights_are_n_over_k_nk() -> None:

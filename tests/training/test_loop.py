@@ -100,3 +100,47 @@ def test_early_stopping_keeps_the_best_evaluation() -> None:
 def test_data_without_a_full_batch_is_a_clear_error() -> None:
     with pytest.raises(DataError, match="no full batch"):
         run_loop(LoopSettings(max_steps=2), step=lambda b, boundary: StepResult(0.0, 0), batches=lambda e, s: [])
+
+
+class FakeClock:
+    """Time that moves only when told: training costs 1 s a micro-batch, everything else much more."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_tokens_per_s_is_the_log_window_whatever_reports_checkpoints_and_evals_fall_on(world: int) -> None:
+    clock = FakeClock()
+    # Reports, checkpoints and evaluations on steps that are not multiples of log_every.
+    settings = LoopSettings(max_steps=14, grad_accum=2, log_every=3, report_every=2, checkpoint_every=5,
+                            eval_every=4, world=world)
+    trainer = Trainer(settings)
+
+    def step(idx: list[int], boundary: bool) -> StepResult:
+        clock.now += 1.0
+        return trainer.step(idx, boundary)
+
+    @contextlib.contextmanager
+    def save(state: LoopState) -> Iterator[None]:
+        clock.now += 100.0
+        yield None
+
+    def report(metrics: dict, checkpoint: object) -> None:
+        clock.now += 1000.0
+
+    def evaluate() -> dict[str, float]:
+        clock.now += 50.0
+        return {"eval/loss": 1.0}
+
+    clock.now += 7.0  # before the loop: not training time either
+    state = run_loop(settings, step=step, batches=trainer.batches, save=save, report=report, evaluate=evaluate,
+                     clock=clock)
+    rows = [r for r in state.history if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12, 14]
+    # 2 micro-batches of 4 items a step on each rank, 2 s a step: 4 * world tokens/s in every window.
+    assert [r["tokens_per_s"] for r in rows] == [4.0 * world] * 5
+    assert rows[-1]["tokens"] == 14 * 8 * world

@@ -1,4 +1,4 @@
-"""The HTTP ingress: a FastAPI app that validates requests, resolves adapters and maps every error to JSON.
+"""The HTTP ingress: a FastAPI app that checks requests, resolves adapters and maps every error to JSON.
 
 Endpoints: ``/v1/qa``, ``/v1/classify``, ``/v1/generate``, ``/v1/chat/completions``,
 ``/v1/models`` and ``/healthz``. Request bodies are the pydantic schemas of
@@ -6,14 +6,17 @@ Endpoints: ``/v1/qa``, ``/v1/classify``, ``/v1/generate``, ``/v1/chat/completion
 comes from the ``adapter`` field or the ``serve_multiplexed_model_id`` header. Every
 exception, raised here or in a model replica, becomes ``{"error": ..., "type": ...}``
 with the status :func:`ray_med.serving.errors.http_status` gives it, in one handler.
+
+Each replica builds its FastAPI app from its config at start-up (Serve's
+``__serve_build_asgi_app__``): the API key check (:mod:`ray_med.serving.guards`) and the
+``/docs`` page exist only when the config asks for them. :func:`make_api` builds it from
+any object with the endpoint methods, so it runs in process without Serve.
 """
 
-# No `from __future__ import annotations` here: Serve's ingress rebuilds the endpoints
-# from their signatures without evaluating string annotations, and FastAPI would then
-# take `request: Request` for a query parameter.
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
+# to know what is a body and what is the request.
 
-import base64
-import binascii
+import asyncio
 import logging
 import time
 from typing import Any
@@ -26,11 +29,11 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_med.data.records import decode_image
-from ray_med.errors import DataError
+from ray_med.errors import RayMedError
 from ray_med.serving.config import ServeAppConfig
 from ray_med.serving.deployments.classifier import Classifiers
 from ray_med.serving.errors import HTTPError, http_status
+from ray_med.serving.guards import BearerAuth, check_image, read_api_key
 from ray_med.serving.schemas import (
     ChatRequest,
     ClassifyRequest,
@@ -44,65 +47,86 @@ from ray_med.serving.schemas import (
 HEADER = "serve_multiplexed_model_id"
 log = logging.getLogger("ray_med.serving")
 
-api = FastAPI(title="ray_med", description="Medical QA, classification and generation on Ray Serve.")
+# (method, path, endpoint method name, route options)
+ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("GET", "/healthz", "healthz", {}),
+    ("GET", "/v1/models", "models", {}),
+    ("POST", "/v1/qa", "qa", {"response_model": QAResponse, "response_model_exclude_unset": True}),
+    ("POST", "/v1/classify", "classify", {"response_model": ClassifyResponse, "response_model_exclude_unset": True}),
+    ("POST", "/v1/generate", "generate", {"response_model": GenerateResponse, "response_model_exclude_unset": True}),
+    ("POST", "/v1/chat/completions", "chat", {}),
+]
+TOO_LONG = ("string_too_long", "too_long")  # pydantic's error types for a text or list past its max_length
 
 
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return JSONResponse({"error": "the request body is not valid JSON", "type": "invalid_json"}, status_code=400)
-    parts = []
-    for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where or 'body'}: {e.get('msg')}")
-    return JSONResponse({"error": "; ".join(parts), "type": "invalid_request"}, status_code=422)
+def make_api(endpoints: Any, cfg: ServeAppConfig, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app of ``endpoints`` (an object with the ROUTES' methods) under ``cfg``'s exposure settings."""
+    api = FastAPI(title="ray_med", description="Medical QA, classification and generation on Ray Serve.",
+                  docs_url="/docs" if cfg.docs else None, redoc_url=None)
+    for method, path, name, options in ROUTES:
+        api.add_api_route(path, getattr(endpoints, name), methods=[method], **options)
+
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse({"error": "the request body is not valid JSON", "type": "invalid_json"},
+                                status_code=400)
+        too_long = [e for e in errors if e.get("type") in TOO_LONG]
+        if too_long:  # past the schema's hard ceiling: the same 413 as past the configured limit
+            e = too_long[0]
+            where, value = _where(e), e.get("input")
+            message = (f"{where} is {len(value)} characters; the limit is {cfg.max_input_chars}"
+                       if isinstance(value, str) else f"{where}: {e.get('msg')}")
+            return JSONResponse({"error": message, "type": "input_too_long"}, status_code=413)
+        parts = [f"{_where(e)}: {e.get('msg')}" for e in errors]
+        return JSONResponse({"error": "; ".join(parts), "type": "invalid_request"}, status_code=422)
+
+    async def starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 404/405 ("detail") in the API's error shape.
+        kind = "not_found" if exc.status_code == 404 else "invalid_request"
+        return JSONResponse({"error": str(exc.detail), "type": kind}, status_code=exc.status_code)
+
+    async def error(request: Request, exc: Exception) -> JSONResponse:
+        """Every other exception, from this replica or a model replica, as JSON with its status."""
+        if isinstance(exc, BackPressureError):
+            exc = HTTPError(503, "the server is at capacity; retry later", "overloaded")
+        status, kind, message = http_status(exc)
+        if kind in ("internal", "model_error"):
+            # A bug or a broken model folder, not bad input: the details (paths, remote
+            # tracebacks) go to the replica's log, not to the client; the replica keeps serving.
+            log.error("%s on %s", kind, request.url.path, exc_info=exc)
+        return JSONResponse({"error": message, "type": kind}, status_code=status)
+
+    api.add_exception_handler(RequestValidationError, invalid)
+    api.add_exception_handler(StarletteHTTPException, starlette_error)
+    # Library errors (raised here or in a model replica) and backpressure are answered where
+    # they are raised; `Exception` is Starlette's last resort, which answers and re-raises.
+    for kind in (RayMedError, BackPressureError, Exception):
+        api.add_exception_handler(kind, error)
+    if api_key is not None:
+        api.add_middleware(BearerAuth, key=api_key)
+    return api
 
 
-@api.exception_handler(StarletteHTTPException)
-async def _starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # FastAPI's own 404/405 ("detail") in the API's error shape.
-    return JSONResponse({"error": str(exc.detail), "type": "not_found" if exc.status_code == 404 else "invalid_request"},
-                        status_code=exc.status_code)
+def _where(e: dict[str, Any]) -> str:
+    return ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
 
 
-@api.exception_handler(Exception)
-async def _error(request: Request, exc: Exception) -> JSONResponse:
-    """Every other exception, from this replica or a model replica, as JSON with its status."""
-    if isinstance(exc, BackPressureError):
-        exc = HTTPError(503, "the server is at capacity; retry later", "overloaded")
-    status, kind, message = http_status(exc)
-    if kind == "internal":
-        # A bug, not bad input: the details (which may hold paths and remote tracebacks)
-        # go to the replica's log, not to the client, and the replica keeps serving.
-        log.error("internal error on %s", request.url.path, exc_info=exc)
-    return JSONResponse({"error": message, "type": kind}, status_code=status)
+class GatewayEndpoints:
+    """The gateway's endpoints (plain methods; :class:`Gateway` is this class as a Serve ingress)."""
 
-
-def _check_image(data: str, limit: int) -> None:
-    """A 400 for bad base64, a 415 for bytes that are not an image, a 413 when too big."""
-    if len(data) > limit:
-        raise HTTPError(413, f"image is {len(data)} base64 characters; the limit is {limit}", "input_too_long")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise HTTPError(400, "image is not valid base64", "invalid_base64") from None
-    try:
-        decode_image(raw, what="image")
-    except DataError as exc:
-        too_big = "too large" in str(exc)  # a decompression bomb, not a non-image
-        raise HTTPError(413 if too_big else 415, str(exc), "input_too_long" if too_big else "not_an_image") from None
-
-
-@serve.deployment(name="Gateway")
-@serve.ingress(api)
-class Gateway:
     def __init__(self, cfg: ServeAppConfig, lm: DeploymentHandle | None, classifier: DeploymentHandle | None) -> None:
         self.cfg = cfg
         self.lm = lm
         self.classifier = classifier
         self.started = time.time()
+        # Read here, in the replica: the key lives in its environment or a mounted file,
+        # never in the config that travels through Ray. A missing one fails the start.
+        self.api_key = read_api_key(cfg.auth)
         self.local = Classifiers(cfg) if cfg.classifiers and cfg.classify_in_gateway else None
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self, self.cfg, self.api_key)
 
     # ---- helpers
 
@@ -132,23 +156,20 @@ class Gateway:
 
     # ---- endpoints
 
-    @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 1)}
 
-    @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
+        # Names only: the folders they were loaded from are the server's business.
         data = []
         if self.cfg.model:
-            data.append({"id": self.cfg.base_name, "object": "model", "owned_by": "ray_med", "kind": "base",
-                         "path": self.cfg.model})
-        data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "lora", "parent": self.cfg.base_name,
-                  "path": p} for n, p in self.cfg.adapters.items()]
-        data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "classifier", "path": p}
-                 for n, p in self.cfg.classifiers.items()]
+            data.append({"id": self.cfg.base_name, "object": "model", "owned_by": "ray_med", "kind": "base"})
+        data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "lora", "parent": self.cfg.base_name}
+                 for n in self.cfg.adapters]
+        data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "classifier"}
+                 for n in self.cfg.classifiers]
         return {"object": "list", "data": data}
 
-    @api.post("/v1/qa", response_model=QAResponse, response_model_exclude_unset=True)
     async def qa(self, body: QARequest, request: Request) -> dict[str, Any]:
         self._check_length(question=body.question, context=body.context,
                            options="".join((body.options or {}).values()))
@@ -156,7 +177,6 @@ class Gateway:
         result = await self._lm(adapter).qa.remote(body)
         return {**result.to_dict(), "adapter": adapter}
 
-    @api.post("/v1/classify", response_model=ClassifyResponse, response_model_exclude_unset=True)
     async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
         if self.classifier is None and self.local is None:
             raise HTTPError(404, "this server has no classifiers (set classifiers in its config)", "not_deployed")
@@ -174,19 +194,18 @@ class Gateway:
             out = await self.classifier.options(multiplexed_model_id=name).classify.remote(body)
         return {**out, "adapter": name}
 
-    @api.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_unset=True)
     async def generate(self, body: GenerateRequest, request: Request) -> dict[str, Any]:
         self._check_length(prompt=body.prompt)
         self._max_new(body.max_new_tokens)
         self._lm(None)  # a 404 first when there is no LM at all
-        if body.image is not None:
-            _check_image(body.image, self.cfg.max_input_chars * 10)
+        if body.image is not None:  # the header is checked before the decode, and both run off the event loop
+            await asyncio.to_thread(check_image, body.image, max_chars=self.cfg.max_input_chars * 10,
+                                    max_pixels=self.cfg.max_image_pixels)
             raise HTTPError(422, "the served model is text-only; images need a multimodal model", "unsupported")
         adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
         out = await self._lm(adapter).generate.remote(body)
         return {"text": out.text, "adapter": adapter}
 
-    @api.post("/v1/chat/completions")
     async def chat(self, body: ChatRequest, request: Request) -> dict[str, Any]:
         self._lm(None)  # a 404 first when there is no LM at all
         if body.stream:
@@ -210,3 +229,6 @@ class Gateway:
             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
                       "total_tokens": out.prompt_tokens + out.completion_tokens},
         }
+
+
+Gateway = serve.deployment(name="Gateway")(serve.ingress()(GatewayEndpoints))

@@ -1,7 +1,9 @@
 """The causal-LM deployment: QA in three modes, generation and chat, with LoRA adapters per request.
 
 Top-token QA is dynamically batched (one adapter per batch: Serve splits batches by the
-multiplexed model id); chain-of-thought QA and generation run one request at a time.
+multiplexed model id); chain-of-thought QA and generation run one request at a time, and
+stop between tokens when their request is cancelled (the client left, or it timed out).
+Sampling uses the request's ``seed``, or a random one when it has none.
 Requests arrive as the gateway's typed request bodies and leave as typed results; a
 library error is raised and reaches the gateway as itself.
 """
@@ -30,6 +32,7 @@ def _shots(cfg: ServeAppConfig) -> list[QAItem]:
 @serve.deployment(name="LMServer")
 class LMServer:
     def __init__(self, cfg: ServeAppConfig) -> None:
+        cfg = cfg.localized()  # remote folders: this node's copy (runtime.localize)
         self.cfg = cfg
         self.thread = ComputeThread(cfg.lm)
         self.engine = LMEngine(cfg.model, cfg.adapters, qa=cfg.qa, shots=_shots(cfg))
@@ -48,21 +51,24 @@ class LMServer:
         return await self.thread.run(self.engine.top_token, prompts, choices, adapter)
 
     async def qa(self, req: QARequest) -> QAResult:
+        # The exemplars are chosen with the request's seed, else the server's (qa.seed):
+        # the same question gets the same prompt. Sampling is seeded by the request only.
         cfg = self.engine.qa_config(mode=req.mode, n=req.n, temperature=req.temperature, seed=req.seed)
         item = QAItem(id="request", question=req.question, context=req.context, options=req.options)
         prompt = (await self.thread.run(self.engine.qa_prompts, [item], cfg))[0]
         if cfg.mode == "top_token":
             return raise_if_error(await self._top_token_batch(prompt, item.choices))
         adapter = await self._adapter()
-        return await self.thread.run(self.engine.chain_of_thought, prompt, item.choices, cfg, adapter)
+        return await self.thread.run_cancellable(self.engine.chain_of_thought, prompt, item.choices, cfg, adapter,
+                                                 seed=req.seed)
 
     async def generate(self, req: GenerateRequest) -> Generation:
         adapter = await self._adapter()
-        return await self.thread.run(self.engine.complete, req.prompt, max_new_tokens=req.max_new_tokens,
-                                     temperature=req.temperature, seed=req.seed, adapter=adapter)
+        return await self.thread.run_cancellable(self.engine.complete, req.prompt, max_new_tokens=req.max_new_tokens,
+                                                 temperature=req.temperature, seed=req.seed, adapter=adapter)
 
     async def chat(self, req: ChatRequest, max_new_tokens: int) -> Generation:
         adapter = await self._adapter()
         prompt = self.engine.chat_prompt([m.model_dump() for m in req.messages])
-        return await self.thread.run(self.engine.complete, prompt, max_new_tokens=max_new_tokens,
-                                     temperature=req.temperature, seed=req.seed or 0, adapter=adapter)
+        return await self.thread.run_cancellable(self.engine.complete, prompt, max_new_tokens=max_new_tokens,
+                                                 temperature=req.temperature, seed=req.seed, adapter=adapter)

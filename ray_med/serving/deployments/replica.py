@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -34,6 +35,21 @@ class ComputeThread:
 
     async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    async def run_cancellable(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, cancel=<Event>, **kwargs)``; the event is set when this call is cancelled.
+
+        Serve cancels a request's coroutine (in this replica and in the ones it called)
+        when the client disconnects or the request passes ``request_timeout_s``. A thread
+        cannot be interrupted, so the work has to notice: generation checks the event
+        between tokens. A call still queued behind another never starts.
+        """
+        cancel = threading.Event()
+        try:
+            return await self.run(fn, *args, cancel=cancel, **kwargs)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
 
 def adapter_cache(thread: ComputeThread, load: Callable[[str], None], unload: Callable[[str], None],
