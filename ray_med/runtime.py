@@ -239,8 +239,9 @@ class Storage:
 
         Local roots: a sibling ``<name>.tmp-<uuid>`` renamed into place (the old folder,
         if any, is moved aside first and deleted after). Remote roots: a temporary folder
-        uploaded over the old one, then committed with :data:`MARKER`, which is removed
-        before anything else is touched. A failed step leaves the previous version, or
+        uploaded to a sibling ``<name>.tmp-<uuid>`` while the old version stays committed;
+        then the old one is un-committed (its :data:`MARKER` removed first) and deleted,
+        the sibling copied into place within the store, and :data:`MARKER` written last. A failed step leaves the previous version, or
         nothing, and is redone by whoever checks :meth:`complete`.
         """
         token = uuid.uuid4().hex
@@ -265,9 +266,14 @@ class Storage:
         import pyarrow.fs as pafs  # lazy: pyarrow's filesystems load only for URI storage
 
         tmp = Path(tempfile.mkdtemp(prefix="ray_med-"))
+        fs, dest = self._remote(relpath)
+        staged = f"{dest}.tmp-{token[:8]}"
         try:
             yield tmp
-            fs, dest = self._remote(relpath)
+            # The upload (the slow part, the one a network error or a kill interrupts) goes
+            # to a sibling first: the previous version stays committed until it is done.
+            fs.create_dir(staged, recursive=True)
+            pafs.copy_files(str(tmp), staged, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
             info = fs.get_file_info(dest)
             if info.type == pafs.FileType.Directory:
                 if fs.get_file_info(f"{dest}/{MARKER}").type == pafs.FileType.File:
@@ -275,12 +281,16 @@ class Storage:
                 fs.delete_dir(dest)
             elif info.type == pafs.FileType.File:
                 fs.delete_file(dest)
+            # Within one file system: a server-side copy on an object store, no new upload.
             fs.create_dir(dest, recursive=True)
-            pafs.copy_files(str(tmp), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            pafs.copy_files(staged, dest, source_filesystem=fs, destination_filesystem=fs)
             with fs.open_output_stream(f"{dest}/{MARKER}") as out:
                 out.write(f"{token}\n".encode())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if fs.get_file_info(staged).type != pafs.FileType.NotFound:
+                    fs.delete_dir(staged)
 
 
 def cache_root() -> Path:
@@ -427,7 +437,10 @@ def check_submitted_paths(cfg: Any) -> None:
 
     def walk(node: Any, key: str) -> None:
         if isinstance(node, dict):
+            path = node.get("path")
             for k, v in node.items():
+                if k == "root" and isinstance(path, str) and (is_uri(path) or path.startswith(("/", "~", "pkg://"))):
+                    continue  # a data root is used only to resolve a relative data.path
                 walk(v, f"{key}.{k}" if key else str(k))
         else:
             check(key, node)

@@ -231,18 +231,18 @@ def open_output(storage: Storage, relpath: str) -> Iterator[IO[bytes]]:
     fs, base = storage.filesystem()
     path = f"{base.rstrip('/')}/{relpath.strip('/')}"
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    # A plain file system writes aside and renames; an object store publishes an object
-    # only when its upload completes.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if fs.type_name == "local" else path
+    # Written aside and moved on success, on every file system: pyarrow's stream has no
+    # abort, so an error inside the block still completes an S3 upload when the stream
+    # closes, and that object must not be the published name (S3's move is a server-side
+    # copy and delete).
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open_output_stream(tmp) as out:
             yield out
-        if tmp != path:
-            fs.move(tmp, path)
+        fs.move(tmp, path)
     finally:
-        if tmp != path:
-            with contextlib.suppress(FileNotFoundError, OSError):
-                fs.delete_file(tmp)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            fs.delete_file(tmp)
 
 
 # Consumers are num_cpus=0: they mostly wait on the read tasks that feed them, and a

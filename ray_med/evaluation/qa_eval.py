@@ -65,11 +65,17 @@ def qa_task(cfg: QAEvalConfig) -> EvalOutputs:
                "mode": cfg.qa.mode, "shots": cfg.qa.shots, "seed": cfg.qa.seed, **qa_metrics(items, results)}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w") as f:
-            for it, r in zip(items, results, strict=True):
-                row = {"id": it.id, "question": it.question, "context": it.context, "options": it.options,
-                       "gold": it.answer, **r.to_dict(), "samples": r.samples or None}
-                f.write(json.dumps(row) + "\n")
+        # Written beside and renamed: an interrupted run leaves the previous file or none.
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            with tmp.open("w") as f:
+                for it, r in zip(items, results, strict=True):
+                    row = {"id": it.id, "question": it.question, "context": it.context, "options": it.options,
+                           "gold": it.answer, **r.to_dict(), "samples": r.samples or None}
+                    f.write(json.dumps(row) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         metrics["predictions"] = str(path)
     print(json.dumps(metrics))
     return EvalOutputs(metrics)

@@ -184,22 +184,30 @@ class ServeAppConfig:
                 raise ConfigError(f"{name}.max_ongoing_requests ({capacity.max_ongoing_requests}) < max_batch_size "
                                   f"x max_concurrent_batches ({need}): batches could never fill")
 
-    def localized(self) -> ServeAppConfig:
-        """This config with every folder in remote storage (``s3://...``) replaced by a local copy.
+    def localized(self, *, lm: bool = True, classifiers: bool = True) -> ServeAppConfig:
+        """This config with the folders in remote storage (``s3://...``) replaced by local copies.
 
         ``runtime.localize`` downloads each once per machine, into ``~/.cache/ray_med``
         (``$RAY_MED_CACHE``); a classifier's recorded base model and stage-1 adapter come
-        along. The driver calls this to check the folders; each replica, where it runs.
+        along. ``lm`` covers the language model, its adapters and the shots file,
+        ``classifiers`` the classifiers: a replica asks only for what it loads (a gateway
+        running classifiers never downloads the LM). The driver calls it with both to
+        check the folders.
         """
         # lazy: the classifier folder module loads torch; this config parses without it
         from ray_med.adapters.classifier import localize_classifier
 
-        return replace(
-            self, model=localize(self.model) if self.model else self.model,
-            adapters={n: localize(p, what="adapter folder") for n, p in self.adapters.items()},
-            classifiers={n: localize_classifier(p, localize, cache_root()) for n, p in self.classifiers.items()},
-            shots_file=localize(self.shots_file, what="shots file") if self.shots_file else self.shots_file,
-        )
+        out = self
+        if lm:
+            out = replace(
+                out, model=localize(self.model) if self.model else self.model,
+                adapters={n: localize(p, what="adapter folder") for n, p in self.adapters.items()},
+                shots_file=localize(self.shots_file, what="shots file") if self.shots_file else self.shots_file,
+            )
+        if classifiers:
+            out = replace(out, classifiers={n: localize_classifier(p, localize, cache_root())
+                                            for n, p in self.classifiers.items()})
+        return out
 
     @property
     def base_name(self) -> str:

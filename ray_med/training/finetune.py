@@ -82,6 +82,9 @@ def _run_downstream(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
     if cfg.setting == "full" and cfg.domain_adapter:
         raise ConfigError("setting=full fine-tunes every weight and takes no adapters; set domain_adapter=null")
     if cfg.domain_adapter:
+        # Absolute from here on: the classifier folder records it, and a relative path
+        # there would be read as relative to that folder (domain_folder), not to this job.
+        cfg = replace(cfg, domain_adapter=resolve_path(cfg.domain_adapter))
         method = method_of_folder(localize(cfg.domain_adapter, what="domain adapter folder"))
         if method is None or not method.stackable:
             raise ConfigError(f"domain_adapter {cfg.domain_adapter}: a stage-1 adapter under a classifier must be "

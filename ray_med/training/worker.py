@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -28,6 +30,22 @@ import torch.distributed as dist
 from ray_med.training.loop import LoopState
 
 STATE_FILE = "train_state.json"
+RNG_FILE = "rng_rank{rank}.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random generators: torch (CPU and every GPU), numpy and Python's."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(saved: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned, so dropout and sampling continue as if never stopped."""
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["python"])
 
 
 @dataclass(frozen=True)
@@ -118,9 +136,12 @@ class RayCheckpoints:
     """Checkpoints as Ray Train checkpoints, for the loop's ``save`` and ``load``.
 
     ``saver(write)`` calls ``write(folder)`` on every rank, adds the loop state from rank
-    0, and yields a Ray checkpoint for ``report``; ``loader(read)`` opens the checkpoint a
-    restarted or resubmitted run resumes from, calls ``read(folder)`` and returns its loop
-    state (None for a fresh start).
+    0 and every rank's random generators, and yields a Ray checkpoint for ``report``;
+    ``loader(read)`` opens the checkpoint a restarted or resubmitted run resumes from,
+    calls ``read(folder)``, restores this rank's generators and returns the loop state
+    (None for a fresh start). With the generators restored, dropout masks after a resume
+    are the ones the uninterrupted run drew (a run resumed on another number of workers
+    keeps its fresh generators where a rank has none saved).
     """
 
     def __init__(self, rank: int) -> None:
@@ -131,6 +152,7 @@ class RayCheckpoints:
         def save(state: LoopState) -> Iterator[Any]:
             with tempfile.TemporaryDirectory() as tmp:
                 write(Path(tmp))
+                torch.save(rng_state(), Path(tmp) / RNG_FILE.format(rank=self.rank))
                 if self.rank == 0:
                     data = state.to_dict()
                     (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": data.pop("history"), "state": data}))
@@ -145,6 +167,9 @@ class RayCheckpoints:
                 return None
             with checkpoint.as_directory() as d:
                 read(Path(d))
+                rng = Path(d) / RNG_FILE.format(rank=self.rank)
+                if rng.is_file():  # our own file: numpy's and Python's states are not plain tensors
+                    set_rng_state(torch.load(rng, weights_only=False))
                 saved = json.loads((Path(d) / STATE_FILE).read_text())
                 return LoopState.from_dict({**saved["state"], "history": saved["history"]})
 

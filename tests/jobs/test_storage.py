@@ -90,6 +90,24 @@ def test_a_folder_is_replaced_only_by_a_complete_one(root: str) -> None:
     assert localize(storage.join("run/model")) == first and Path(first, "weights.bin").read_bytes() == b"v1"
     assert storage.list_dir("run") == ["model"]
 
+    if not storage.is_local:
+        # The upload itself fails after sending the new files (a dropped connection, a kill):
+        # the old version is still the committed one, and nothing of the new one is left.
+        import pyarrow.fs as pafs
+
+        real = pafs.copy_files
+
+        def upload_then_fail(*args, **kwargs):
+            real(*args, **kwargs)
+            raise OSError("connection reset")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pafs, "copy_files", upload_then_fail)
+            with pytest.raises(OSError, match="connection reset"), storage.local_dir("run/model") as d:
+                (d / "weights.bin").write_bytes(b"lost")
+        assert storage.complete("run/model") and storage.list_dir("run") == ["model"]
+        assert localize(storage.join("run/model")) == first
+
     # A complete rewrite replaces it whole (no file of the old version stays) and is downloaded anew.
     with storage.local_dir("run/model") as d:
         (d / "weights.bin").write_bytes(b"v2")
@@ -178,6 +196,16 @@ def test_a_relative_path_under_ray_job_submit_fails_fast(monkeypatch: pytest.Mon
     check_submitted_paths(cfg)
     cfg.corpus.root = "/mnt/data"
     check_submitted_paths(cfg)
+
+    # A relative data.root is not refused when data.path is absolute: the root is then unused.
+    from ray_med.training.config import FinetuneConfig
+
+    fcfg = FinetuneConfig()
+    fcfg.run.storage, fcfg.corpus.root = "/mnt/runs", "/mnt/data"
+    with pytest.raises(ConfigError, match=r"data.root='../shared/data' is relative"):
+        check_submitted_paths(fcfg)
+    fcfg.data.path = "/mnt/data/pubmedqa.json"
+    check_submitted_paths(fcfg)
 
 
 def _job(name: str):

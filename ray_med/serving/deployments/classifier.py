@@ -24,7 +24,7 @@ class Classifiers:
     """The classifiers of a replica: the same engine, batching and adapter cache wherever they run."""
 
     def __init__(self, cfg: ServeAppConfig) -> None:
-        cfg = cfg.localized()  # remote folders: this node's copy (runtime.localize)
+        cfg = cfg.localized(lm=False)  # remote folders: this node's copy (runtime.localize)
         self.thread = ComputeThread(cfg.classifier)
         self.engine = ClassifierEngine(cfg.classifiers, max_length=cfg.classify_max_length)
         self.get_classifier = adapter_cache(self.thread, self.engine.load, self.engine.unload,

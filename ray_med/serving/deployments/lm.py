@@ -32,7 +32,7 @@ def _shots(cfg: ServeAppConfig) -> list[QAItem]:
 @serve.deployment(name="LMServer")
 class LMServer:
     def __init__(self, cfg: ServeAppConfig) -> None:
-        cfg = cfg.localized()  # remote folders: this node's copy (runtime.localize)
+        cfg = cfg.localized(classifiers=False)  # remote folders: this node's copy (runtime.localize)
         self.cfg = cfg
         self.thread = ComputeThread(cfg.lm)
         self.engine = LMEngine(cfg.model, cfg.adapters, qa=cfg.qa, shots=_shots(cfg))
