@@ -3,7 +3,7 @@
 The S3 server is moto's standalone server on a free local port; pyarrow (and so Ray
 Train, our Storage and every job) finds it through ``AWS_ENDPOINT_URL``. The storage
 tests run against a local folder, ``file://`` and S3 alike. The tiny pipeline runs on S3
-in a subprocess, as a user runs it: an embedded Ray of its own, whose workers and Serve
+and on ``file://`` in a subprocess, as a user runs it: an embedded Ray of its own, whose workers and Serve
 replicas inherit the S3 settings (the shared test Ray started before they were set).
 """
 
@@ -263,12 +263,22 @@ def _cli_env(s3_env: dict[str, str], cache: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_pipeline_on_s3(s3_server, shared_data: Path, tmp_path: Path) -> None:
-    """Every stage writes to S3 and reads the stages before it from S3 (tests/pipeline: a half-written one is redone)."""
+@pytest.mark.parametrize("scheme", ["s3", "file"])
+def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, shared_data: Path,
+                                 tmp_path: Path) -> None:
+    """Every stage writes to the URI and reads the stages before it from it (tests/pipeline: a half-written one is redone)."""
     import pyarrow.fs as pafs
 
-    root = f"s3://{BUCKET}/pipeline"
-    env = _cli_env(s3_server, tmp_path / "cache")
+    if scheme == "s3":
+        s3_env = request.getfixturevalue("s3_server")
+        root, prefix = f"s3://{BUCKET}/pipeline", f"{BUCKET}/pipeline"
+        fs = pafs.S3FileSystem(endpoint_override=s3_env["AWS_ENDPOINT_URL"], access_key="testing",
+                               secret_key="testing", region="us-east-1")
+    else:
+        s3_env = {}
+        (tmp_path / "store").mkdir()
+        root, prefix, fs = f"file://{tmp_path}/store/pipeline", f"{tmp_path}/store/pipeline", pafs.LocalFileSystem()
+    env = _cli_env(s3_env, tmp_path / "cache")
     args = [
         sys.executable, "jobs/pipeline.py", "--config", "jobs/configs/pipeline/tiny.yaml",
         f"run.storage={root}", f"corpus.root={shared_data}", "tokenizer.vocab_size=1024", "run.num_cpus=2",
@@ -280,30 +290,28 @@ def test_pipeline_on_s3(s3_server, shared_data: Path, tmp_path: Path) -> None:
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
-    assert not (REPO / "s3:").exists()  # no URI ever became a local path
+    assert not (REPO / "s3:").exists() and not (REPO / "file:").exists()  # no URI ever became a local path
 
-    fs = pafs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"], access_key="testing",
-                           secret_key="testing", region="us-east-1")
-    files = {i.path[len(f"{BUCKET}/pipeline/"):] for i in
-             fs.get_file_info(pafs.FileSelector(f"{BUCKET}/pipeline", recursive=True)) if i.type == pafs.FileType.File}
+    files = {i.path[len(f"{prefix}/"):] for i in
+             fs.get_file_info(pafs.FileSelector(prefix, recursive=True)) if i.type == pafs.FileType.File}
     runs = {p.split("/", 1)[0].rsplit("-", 1)[0]: p.split("/", 1)[0] for p in files}
     for stage, output in (("corpus", "tokenizer"), ("pretrain", "model"), ("finetune-domain", "adapter"),
                           ("finetune", "adapter")):
         assert f"{runs[stage]}/{output}/{MARKER}" in files, (stage, sorted(files))
     assert f"{runs['pretrain']}/model/model.safetensors" in files
     assert {f"{runs['finetune']}/metrics.json", f"{runs['finetune']}/predictions.jsonl"} <= files
-    with fs.open_input_stream(f"{BUCKET}/pipeline/{runs['finetune']}/adapter/classifier.json") as f:
+    with fs.open_input_stream(f"{prefix}/{runs['finetune']}/adapter/classifier.json") as f:
         meta = json.loads(f.read())
     assert meta["base_model"] == f"{root}/{runs['pretrain']}/model" and meta["domain_adapter"] == "domain"
 
-    # Each stage read the one before from the bucket, through the download cache.
+    # Each stage read the one before from the storage, through the download cache.
     for uri in (f"{root}/{runs['corpus']}/tokenizer", f"{root}/{runs['pretrain']}/model",
                 f"{root}/{runs['finetune-domain']}/adapter", f"{root}/{runs['finetune']}/adapter"):
         assert f"downloaded {uri} to {tmp_path / 'cache'}" in log
     served = run.stdout.split("== stage: serve ==")[1]
     assert "pubmedqa_rf: " in served and "mtsamples (lora)" in served and "HTTP " not in served
 
-    # The same command again: every stage's outputs are complete in the bucket, so all are reused.
+    # The same command again: every stage's outputs are complete in the storage, so all are reused.
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
     assert again.stdout.count("cached: ") == 5 and "rerun:" not in again.stdout
