@@ -164,31 +164,29 @@ class Storage:
         fs, base = self.filesystem()
         return fs, f"{base}/{relpath.strip('/')}" if relpath.strip("/") else base
 
-    def write_text(self, relpath: str, text: str) -> str:
-        """Write a small text file under the root, atomically, and return its full path or URI."""
-        target = self.join(relpath)
-        data = text.encode("utf-8")
-        if self.is_local:
-            path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-            return target
+    @contextlib.contextmanager
+    def open_output(self, relpath: str) -> Iterator[Any]:
+        """A binary stream to ``relpath`` under the root, published only when the block exits without error."""
         fs, path = self._remote(relpath)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if fs.type_name == "local":  # file://: a plain file system, so write aside and rename
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        # Written aside and moved on success, on every file system: pyarrow's stream has no
+        # abort, so an error inside the block still completes an S3 upload when the stream
+        # closes, and that object must not be the published name (a local move is a rename,
+        # S3's a server-side copy and delete).
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
             with fs.open_output_stream(tmp) as out:
-                out.write(data)
+                yield out
             fs.move(tmp, path)
-        else:  # an object store publishes an object only when its upload completes
-            with fs.open_output_stream(path) as out:
-                out.write(data)
-        return target
+        finally:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.delete_file(tmp)
+
+    def write_text(self, relpath: str, text: str) -> str:
+        """Write a small text file under the root, atomically (:meth:`open_output`), and return its full path or URI."""
+        with self.open_output(relpath) as out:
+            out.write(text.encode("utf-8"))
+        return self.join(relpath)
 
     def read_text(self, relpath: str) -> str:
         """Read a small text file under the root."""

@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import uuid
 from collections.abc import Iterable, Iterator
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -225,32 +224,12 @@ def on_storage_node(storage: Storage) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node, soft=False)}
 
 
-@contextlib.contextmanager
-def open_output(storage: Storage, relpath: str) -> Iterator[IO[bytes]]:
-    """A binary stream to ``<storage>/<relpath>``, published only when the block exits without error."""
-    fs, base = storage.filesystem()
-    path = f"{base.rstrip('/')}/{relpath.strip('/')}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    # Written aside and moved on success, on every file system: pyarrow's stream has no
-    # abort, so an error inside the block still completes an S3 upload when the stream
-    # closes, and that object must not be the published name (S3's move is a server-side
-    # copy and delete).
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open_output_stream(tmp) as out:
-            yield out
-        fs.move(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            fs.delete_file(tmp)
-
-
 # Consumers are num_cpus=0: they mostly wait on the read tasks that feed them, and a
 # reserved CPU could leave those read tasks none on a small cluster (a deadlock).
 @ray.remote(num_cpus=0)
 def _write_parquet_task(ds: ray.data.Dataset, storage: Storage, relpath: str) -> int:
     rows = 0
-    with user_errors(), open_output(storage, relpath) as out, pq.ParquetWriter(out, ARROW_SCHEMA) as writer:
+    with user_errors(), storage.open_output(relpath) as out, pq.ParquetWriter(out, ARROW_SCHEMA) as writer:
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             writer.write_table(batch.select(ARROW_SCHEMA.names).cast(ARROW_SCHEMA))
             rows += batch.num_rows

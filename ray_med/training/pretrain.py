@@ -33,7 +33,6 @@ from ray_med.corpus.build import (
     corpus_dataset,
     documents,
     on_storage_node,
-    open_output,
     ordered_datasets,
     train_tokenizer,
     union,
@@ -126,7 +125,7 @@ def _heldout_task(docs: Any, storage: Any, run_name: str, names: list[str], toke
     blocks: dict[str, list[np.ndarray]] = {n: [] for n in names}
     counts = dict.fromkeys(names, 0)
     with user_errors(), contextlib.ExitStack() as stack:
-        outs = {n: stack.enter_context(open_output(storage, f"{run_name}/heldout/{n}.jsonl")) for n in names}
+        outs = {n: stack.enter_context(storage.open_output(f"{run_name}/heldout/{n}.jsonl")) for n in names}
         for batch in docs.iter_batches(batch_format="pyarrow", batch_size=None):
             rows = zip(batch["id"].to_pylist(), batch["source"].to_pylist(), batch["text"].to_pylist(), strict=True)
             pending: dict[str, list[str]] = {}
