@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ray_med.adapters.classifier import load_classifier
+from ray_med.adapters.classifier import HEAD_CONFIG, load_classifier
 from ray_med.data import read_records
 from ray_med.errors import ConfigError, DataError, ModelError
 from ray_med.evaluation.classify import encode, predict
@@ -23,13 +23,13 @@ from ray_med.models import load_tokenizer
 from ray_med.tasks import get_task, task_data
 
 SPLITS_FILE = "splits.json"
-CLASSIFIER_FILE = "classifier.json"
+"""Written by the downstream stage beside its classifier folder."""
 
 
 def locate(model: str) -> tuple[str, Path | None]:
     """(the classifier folder, the splits.json beside it or None) of a run/output folder or a classifier folder."""
     path = Path(model)
-    if not (path / CLASSIFIER_FILE).is_file() and (path / "adapter" / CLASSIFIER_FILE).is_file():
+    if not (path / HEAD_CONFIG).is_file() and (path / "adapter" / HEAD_CONFIG).is_file():
         return str(path / "adapter"), (path / SPLITS_FILE) if (path / SPLITS_FILE).is_file() else None
     beside = path.parent / SPLITS_FILE
     return model, beside if beside.is_file() else None

@@ -27,6 +27,7 @@ from ray_med.adapters.registry import METHODS, method_of_folder
 from ray_med.data import read_records
 from ray_med.data.config import resolve_path
 from ray_med.errors import ConfigError
+from ray_med.evaluation.classify_eval import SPLITS_FILE
 from ray_med.models import load_config
 from ray_med.runtime import RunContext, Storage, init_ray, localize
 from ray_med.tasks import get_task, task_data
@@ -108,7 +109,7 @@ def _run_downstream(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
     # The ids of every split, beside the metrics: evaluate.py classify scores the test split
     # from it (not the whole file, which holds the training items too).
     split_ids = splits.ids(data)
-    out.write_text("splits.json", json.dumps({
+    out.write_text(SPLITS_FILE, json.dumps({
         "task": task.name, "data": data_path, "reader": cfg.data.reader or task.reader, "seed": split_seed,
         "dev_size": cfg.data.dev_size, "test_size": cfg.data.test_size,
         "n": {k: len(v) for k, v in split_ids.items()}, **split_ids,
