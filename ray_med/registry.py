@@ -20,12 +20,19 @@ from ray_med import runs
 from ray_med.adapters.report import PeftReportConfig, PeftReportOutputs
 from ray_med.config import lookup
 from ray_med.corpus.config import CorpusJobConfig, CorpusOutputs
-from ray_med.evaluation.config import ClassifyEvalConfig, EvalOutputs, PerplexityEvalConfig, QAEvalConfig
+from ray_med.evaluation.config import (
+    ClassifyEvalConfig,
+    EvalOutputs,
+    MultimodalEvalConfig,
+    PerplexityEvalConfig,
+    QAEvalConfig,
+)
 from ray_med.pipeline.config import PipelineConfig, PipelineOutputs
 from ray_med.runs import RunsConfig, RunsOutputs
 from ray_med.runtime import RunContext, start_run
 from ray_med.serving.config import ServeCheckConfig, ServeCheckOutputs
 from ray_med.training.config import FinetuneConfig, FinetuneOutputs, PretrainConfig, PretrainOutputs
+from ray_med.training.multimodal_config import MultimodalConfig, MultimodalOutputs
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,12 @@ _PERPLEXITY_FLAGS = {
     "--batch-size": "batch_size", "--max-sequences": "max_sequences", "--option": "options",
 }
 
+_MULTIMODAL_FLAGS = {
+    "--model": "model", "--data": "data", "--format": "format", "--task": "task", "--split": "split",
+    "--limit": "limit", "--bootstrap": "bootstrap", "--predictions": "predictions", "--seed": "seed",
+    "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--max-length": "max_length",
+}
+
 JOBS: dict[str, JobSpec] = {
     j.name: j
     for j in [
@@ -97,6 +110,12 @@ JOBS: dict[str, JobSpec] = {
         JobSpec("evaluate.qa", QAEvalConfig, "ray_med.evaluation.qa_eval:qa_task", EvalOutputs,
                 "QA accuracy of a causal LM (+ LoRA adapter) in top_token, cot or sc_cot mode.",
                 run_folder=False, aliases=_QA_FLAGS),
+        JobSpec("multimodal", MultimodalConfig, "ray_med.training.multimodal:run_multimodal", MultimodalOutputs,
+                "The multimodal model (Med-PaLM M as LLaVA): vision tower + projector + LLM on a task mixture.",
+                default_config="jobs/configs/multimodal/tiny_pneumonia.yaml"),
+        JobSpec("evaluate.multimodal", MultimodalEvalConfig, "ray_med.evaluation.multimodal_eval:multimodal_task",
+                EvalOutputs, "A multimodal model on one task's file: AUROC/F1 (choice), BLEU/F1 (VQA), ROUGE-L (reports).",
+                run_folder=False, aliases=_MULTIMODAL_FLAGS),
         JobSpec("peft_report", PeftReportConfig, "ray_med.adapters.report:run_peft_report", PeftReportOutputs,
                 "Trainable parameters and their fraction for each PEFT method and setting.",
                 default_config="jobs/configs/peft_report/llama2_7b_table2.yaml", run_folder=False),

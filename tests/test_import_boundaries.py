@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     # The core: models, data, tasks, adapters, evaluation. No Ray, no DeepSpeed, no jobs.
     "models": BASE,
     "data": BASE,
-    "tasks": BASE | {"data"},
+    "tasks": BASE | {"data", "models"},  # models: the image placeholder of multimodal prompts (models.vlm)
     "adapters": BASE | {"models"},
     "evaluation": BASE | {"models", "data", "tasks", "adapters"},
     # Ray edges over the core.
@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
 # The only modules that import Ray (at module level); DeepSpeed only in the pretraining worker.
 RAY_EDGES = {
     "corpus.build", "training.pretrain", "training.pretrain_worker", "training.downstream_worker",
-    "training.worker", "training.trainer", "serving.app", "serving.deploy", "serving.deployments.replica",
+    "training.worker", "training.trainer", "training.multimodal", "serving.app", "serving.deploy", "serving.deployments.replica",
     "serving.deployments.lm", "serving.deployments.classifier", "serving.deployments.gateway",
 }
 DEEPSPEED = {"training.pretrain_worker"}

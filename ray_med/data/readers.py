@@ -11,6 +11,11 @@ MIMIC ships its notes. :func:`read_records` is the one entry point the rest of t
 project uses on a small file; it checks the reader name and its options, and returns the
 records with the skip count. :func:`iter_records` is the same as a stream, which the Ray
 Data read tasks of :mod:`ray_med.corpus.build` cut into blocks.
+
+The image readers (image CSVs, DICOM, VQA-RAD/SLAKE, MIMIC-CXR reports) find image files
+relative to the data file's folder and keep each image as PNG bytes
+(:func:`ray_med.data.images.encode_record_image`); a missing or unreadable image is a
+bad record, like a missing field.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import re
 import sys
 import zipfile
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ray_med.data.images import encode_record_image, is_dicom_file, read_dicom_header
 from ray_med.data.policy import OnError, RecordErrors
 from ray_med.data.records import ARROW_SCHEMA, Record, encode_png
 from ray_med.errors import DataError
@@ -48,6 +55,9 @@ MEDMNIST_SPLITS = ("train", "val", "test")
 MEDMNIST_LABELS: dict[str, dict[int, str]] = {"pneumoniamnist": {0: "normal", 1: "pneumonia"}}
 
 _BOM = "\ufeff"
+# Distinct images a VQA read keeps decoded: many questions share an image (VQA-RAD asks
+# about 7 per image), but a whole data set of PNGs must not pile up in memory.
+_IMAGE_CACHE_SIZE = 64
 # What reading a plain or gzipped file can raise: I/O errors, a truncated or corrupt .gz.
 _READ_ERRORS = (OSError, EOFError, zlib.error)
 # A paragraph break is a line holding nothing but white space, not only an empty one.
@@ -646,6 +656,317 @@ def read_medmnist(
                     )
 
 
+# ------------------------------------------------------------------------------ images
+
+ImageResult = tuple[bytes | None, str | None]
+
+
+def _base_dir(path: str) -> str:
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _resolve(base: str, rel: str) -> str:
+    return rel if os.path.isabs(rel) else os.path.join(base, rel)
+
+
+def _image_folder(reader: str, path: str, image_dir: Any, default: str) -> str:
+    """Where image names point: ``image_dir`` (relative to the data file's folder), or ``default``."""
+    if image_dir is None:
+        return default
+    if not isinstance(image_dir, str) or not image_dir:
+        raise DataError(f"{reader} option image_dir must be a folder path or null, got {image_dir!r}")
+    folder = _resolve(_base_dir(path), image_dir)
+    if not os.path.isdir(folder):
+        raise DataError(f"{path}: image_dir {folder} is not a folder")
+    return folder
+
+
+def _record_image(file: str, shown: str) -> ImageResult:
+    """(PNG bytes, None) of an image file, or (None, why it cannot be used)."""
+    if not os.path.isfile(file):
+        return None, f"image file not found: {file}"
+    try:
+        return encode_record_image(file, what=f"image {shown}"), None
+    except DataError as exc:
+        return None, str(exc)
+
+
+def _image_loader(size: int) -> Callable[[str, str], ImageResult]:
+    """:func:`_record_image` remembering the last ``size`` files, for sources that reuse images."""
+    cache: OrderedDict[str, ImageResult] = OrderedDict()
+
+    def load(file: str, shown: str) -> ImageResult:
+        if file in cache:
+            cache.move_to_end(file)
+            return cache[file]
+        result = cache[file] = _record_image(file, shown)
+        if len(cache) > size:
+            cache.popitem(last=False)
+        return result
+
+    return load
+
+
+def _json_items(path: str, errors: RecordErrors) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(number, where, object) of a JSON list of objects, or of a ``.jsonl`` file's lines."""
+    if path.removesuffix(".gz").endswith(".jsonl"):
+        for n, obj in _jsonl(path, errors):
+            yield n, f"line {n}", obj
+        return
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise DataError(f"{path}: invalid JSON at {where} ({exc.msg})") from None
+    if not isinstance(data, list):
+        kind = type(data).__name__
+        raise DataError(f"{path}: expected a JSON list of objects (or a .jsonl file), got {kind}")
+    for n, obj in enumerate(data, start=1):
+        if not isinstance(obj, dict):
+            errors.bad(f"item {n}", f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield n, f"item {n}", obj
+
+
+def _image_csv_records(
+    path: str,
+    errors: RecordErrors,
+    *,
+    reader: str,
+    source: str,
+    path_column: str | None,
+    label_column: str | None,
+    dicom_meta: bool,
+) -> Iterator[Record]:
+    """The records of an image CSV (shared by the ``image_csv`` and ``dicom`` readers)."""
+    _check_str_option(reader, "path_column", path_column, optional=True)
+    _check_str_option(reader, "label_column", label_column, optional=True)
+    header, rows = _csv_rows(path)
+    if path_column is None:
+        path_column = next((c for c in ("path", "image") if c in header), None)
+        if path_column is None:
+            raise DataError(
+                f"{path}: not an image CSV: needs a 'path' or 'image' column (or set path_column); "
+                f"the header has {header}"
+            )
+    _require_columns(path, header, [path_column] + ([label_column] if label_column else []))
+    id_col = "id" if "id" in header and "id" not in (path_column, label_column) else None
+    base = _base_dir(path)
+    for n, row in rows:
+        rid = (row.get(id_col) or "").strip() if id_col else ""
+        where = f"data row {n}" + (f" (id {rid})" if rid else "")
+        rel = (row.get(path_column) or "").strip()
+        label = (row.get(label_column) or "").strip() if label_column else None
+        problem = _field_count_problem(row, header)
+        if problem:
+            errors.bad(where, problem)
+            continue
+        if not rel:
+            errors.bad(where, f"empty {path_column}")
+            continue
+        if label_column and not label:
+            errors.bad(where, f"empty {label_column}")
+            continue
+        file = _resolve(base, rel)
+        image, why = _record_image(file, rel)
+        if image is None:
+            errors.bad(where, why or "unreadable image")
+            continue
+        meta: dict[str, Any] = {
+            k: (v or "").strip() for k, v in row.items() if k not in (id_col, path_column, label_column)
+        }
+        meta["image_path"] = rel
+        if dicom_meta and is_dicom_file(file):
+            try:
+                meta = {**read_dicom_header(file, what=f"image {rel}"), **meta}
+            except DataError as exc:
+                errors.bad(where, str(exc))
+                continue
+        yield Record(id=rid or str(n), source=source, label=label, image=image, meta=meta)
+
+
+def read_image_csv(
+    path: str,
+    errors: RecordErrors,
+    *,
+    source: str = "image_csv",
+    path_column: str | None = None,
+    label_column: str | None = "label",
+) -> Iterator[Record]:
+    """An image classification CSV: an image path column, a label column, and any others.
+
+    The path column is ``path_column``, or else ``path`` or ``image``; paths are
+    relative to the CSV's folder unless absolute, and may name PNG, JPEG, TIFF, ... or
+    DICOM files. ``label_column=None`` reads images without labels. The id is the
+    ``id`` column, or the 1-based data row number; every other column goes to ``meta``,
+    with the path as ``image_path``. A missing or unreadable image is a bad record.
+    """
+    yield from _image_csv_records(
+        path,
+        errors,
+        reader="image_csv",
+        source=source,
+        path_column=path_column,
+        label_column=label_column,
+        dicom_meta=False,
+    )
+
+
+def read_dicom_files(
+    path: str,
+    errors: RecordErrors,
+    *,
+    source: str = "dicom",
+    path_column: str | None = None,
+    label_column: str | None = "label",
+) -> Iterator[Record]:
+    """One DICOM file, or a CSV index of DICOM files (as for ``image_csv``).
+
+    A single file (named ``.dcm``, or with the DICM header) is one record: id its
+    SOPInstanceUID (or the file name's stem), no label, and the header fields of
+    :data:`~ray_med.data.images.DICOM_META_FIELDS` it has (Modality,
+    PhotometricInterpretation, Rows, Columns, ...) in ``meta``; a bad file raises, as
+    there is nothing to skip to. Any other file is read as a CSV index, whose DICOM
+    rows also get those header fields in ``meta``. The image is the display-ready
+    first frame (:func:`~ray_med.data.images.read_dicom`) as an 8-bit PNG.
+    """
+    if not is_dicom_file(path):
+        yield from _image_csv_records(
+            path,
+            errors,
+            reader="dicom",
+            source=source,
+            path_column=path_column,
+            label_column=label_column,
+            dicom_meta=True,
+        )
+        return
+    image = encode_record_image(path, what=path)
+    header = read_dicom_header(path, what=path)
+    rid = header.get("SOPInstanceUID") or Path(path).name.removesuffix(".dcm").removesuffix(".DCM")
+    yield Record(id=str(rid), source=source, image=image, meta=header)
+
+
+def read_vqa_json(
+    path: str,
+    errors: RecordErrors,
+    *,
+    source: str = "vqa_json",
+    image_dir: str | None = None,
+    lang: str | None = "en",
+) -> Iterator[Record]:
+    """Medical VQA JSON in the VQA-RAD or SLAKE schema: a list of question objects.
+
+    VQA-RAD: ``qid, image_name, image_organ, question, answer, answer_type (CLOSED/OPEN),
+    question_type, phrase_type, ...``; SLAKE: ``qid, img_id, img_name, question, answer,
+    q_lang, location, modality, answer_type, base_type, content_type, triple``. The
+    image is ``image_name`` or ``img_name`` in ``image_dir`` (relative to the JSON's
+    folder), by default the ``images`` or ``imgs`` folder beside the JSON (SLAKE's
+    layout) if there is one, else the JSON's own folder. Questions whose ``q_lang`` is
+    not ``lang`` (SLAKE's Chinese half, by default) are left out, not counted as bad;
+    ``lang=None`` keeps every language. ``answer`` may be a number in VQA-RAD: it is
+    kept as text. ``text`` is ``question\nAnswer: answer``; every other field goes to
+    ``meta``.
+    """
+    if lang is not None and (not isinstance(lang, str) or not lang):
+        raise DataError(f"vqa_json option lang must be a language code (en, zh) or null, got {lang!r}")
+    base = _base_dir(path)
+    beside = [os.path.join(base, d) for d in ("images", "imgs")]
+    default = next((d for d in beside if os.path.isdir(d)), base)
+    folder = _image_folder("vqa_json", path, image_dir, default)
+    load = _image_loader(_IMAGE_CACHE_SIZE)
+    for n, where, obj in _json_items(path, errors):
+        qid = obj.get("qid")
+        where += f" (qid {qid})" if qid is not None else ""
+        if lang is not None and obj.get("q_lang", lang) != lang:
+            continue
+        question = _str_field(obj, "question")
+        answer = obj.get("answer")
+        answer_text = str(answer).strip() if isinstance(answer, str | int | float) else ""
+        name = _str_field(obj, "image_name") or _str_field(obj, "img_name")
+        if question is None:
+            errors.bad(where, "missing or empty 'question'")
+            continue
+        if not answer_text:
+            errors.bad(where, "missing or empty 'answer'")
+            continue
+        if name is None:
+            errors.bad(where, "missing 'image_name' (VQA-RAD) or 'img_name' (SLAKE)")
+            continue
+        image, why = load(_resolve(folder, name), name)
+        if image is None:
+            errors.bad(where, why or "unreadable image")
+            continue
+        yield Record(
+            id=str(qid if qid is not None else n),
+            source=source,
+            text=f"{question}\nAnswer: {answer_text}",
+            question=question,
+            answer=answer_text,
+            image=image,
+            meta={k: v for k, v in obj.items() if k not in ("qid", "question", "answer")},
+        )
+
+
+def _report_section(obj: dict[str, Any], key: str) -> str | None:
+    """A report section with its line breaks and runs of spaces collapsed, or None if empty."""
+    value = obj.get(key)
+    if not isinstance(value, str):
+        return None
+    return " ".join(value.split()) or None
+
+
+def read_report_json(
+    path: str, errors: RecordErrors, *, source: str = "report_json", image_dir: str | None = None
+) -> Iterator[Record]:
+    """Radiology reports with their image, MIMIC-CXR style: a JSON list (or ``.jsonl``) of studies.
+
+    Each object: ``study_id, subject_id, dicom_id, image_path, view_position, findings,
+    impression``; ``image_path`` is relative to ``image_dir`` (relative to the file's
+    folder; default the file's folder), e.g. MIMIC-CXR-JPG's
+    ``files/p10/p10000032/s50414267/<dicom_id>.jpg``. The record's ``text`` and
+    ``answer`` are the report a model should write, ``FINDINGS: ... IMPRESSION: ...``
+    (a missing section left out, white space collapsed); the id is ``dicom_id``, else
+    ``study_id``, else the item number. A study with neither findings nor impression
+    is a bad record.
+    """
+    folder = _image_folder("report_json", path, image_dir, _base_dir(path))
+    for n, where, obj in _json_items(path, errors):
+        dicom_id, study_id = obj.get("dicom_id"), obj.get("study_id")
+        rid = dicom_id if dicom_id not in (None, "") else study_id if study_id not in (None, "") else n
+        where += f" (id {rid})" if rid != n else ""
+        findings, impression = _report_section(obj, "findings"), _report_section(obj, "impression")
+        rel = _str_field(obj, "image_path")
+        if findings is None and impression is None:
+            errors.bad(where, "neither 'findings' nor 'impression' has text")
+            continue
+        if rel is None:
+            errors.bad(where, "missing 'image_path'")
+            continue
+        image, why = _record_image(_resolve(folder, rel), rel)
+        if image is None:
+            errors.bad(where, why or "unreadable image")
+            continue
+        sections = [("FINDINGS", findings), ("IMPRESSION", impression)]
+        report = " ".join(f"{name}: {text}" for name, text in sections if text)
+        yield Record(
+            id=str(rid),
+            source=source,
+            text=report,
+            answer=report,
+            image=image,
+            meta={
+                "findings": findings,
+                "impression": impression,
+                "study_id": study_id,
+                "subject_id": obj.get("subject_id"),
+                "dicom_id": dicom_id,
+                "view_position": obj.get("view_position"),
+                "image_path": rel,
+            },
+        )
+
+
 READERS: dict[str, ReaderFn] = {
     "pubmedqa": read_pubmedqa,
     "mtsamples": read_mtsamples,
@@ -657,6 +978,10 @@ READERS: dict[str, ReaderFn] = {
     "jsonl": read_jsonl,
     "parquet": read_parquet,
     "medmnist": read_medmnist,
+    "image_csv": read_image_csv,
+    "dicom": read_dicom_files,
+    "vqa_json": read_vqa_json,
+    "report_json": read_report_json,
 }
 
 

@@ -119,3 +119,31 @@ class EvalOutputs:
             if key in self.metrics:
                 return key, self.metrics[key]
         return "", None
+
+
+@dataclass
+class MultimodalEvalConfig:
+    """A multimodal (LLaVA) model on one task's file: MultiMedBench's metric for the task's kind."""
+
+    model: str
+    """The model folder written by jobs/multimodal.py (<output_dir>/model)."""
+    data: str
+    """The data file."""
+    format: str
+    """Its reader: medmnist, image_csv, dicom, vqa_json or report_json."""
+    task: str
+    """A multimodal task (pneumonia, vqa_rad, slake, cxr_report, pubmedqa, medqa, medmcqa)."""
+    split: str | None = None
+    """For a MedMNIST .npz with several splits: the one to score (a file with one split is read whole)."""
+    limit: int | None = None
+    """Only the first N items."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of the 95% CIs (classification)."""
+    seed: int = 0
+    max_new_tokens: int = 64
+    """Tokens generated per item (generation tasks)."""
+    max_length: int = 512
+    """Tokens per prompt (its text context is cut past it)."""
+    batch_size: int = 16
+    predictions: str | None = None
+    """Per-item predictions file (JSONL); default: eval/<task>-<data file stem>[-<split>].jsonl beside the model."""

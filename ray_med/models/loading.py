@@ -101,6 +101,12 @@ def _from_pretrained(loader: Any, path_or_id: str, what: str, **kwargs: Any) -> 
         raise ModelError(f"cannot load {what} '{path_or_id}': {first_line}") from None
 
 
+def load_pretrained(loader: Any, path_or_id: str | Path, what: str, **kwargs: Any) -> Any:
+    """Any transformers class's ``from_pretrained`` on a checked folder (or hub id), errors as one line."""
+    src = _check_folder(path_or_id, need=_MODEL_FILES, what=what)
+    return _from_pretrained(loader, src, what, **{k: v for k, v in kwargs.items() if v is not None})
+
+
 def load_config(path_or_id: str | Path) -> PreTrainedConfig:
     """The transformers config of a model folder or hub id, without loading weights."""
     src = _check_folder(path_or_id, need=_MODEL_FILES, what="model")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedConfig
 
-Family = Literal["causal_lm", "vit", "encoder"]
+Family = Literal["causal_lm", "vit", "encoder", "vlm"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,8 @@ class Preset:
     name: str
     """The name jobs use in ``model.preset``."""
     family: Family
-    """causal_lm (decoder LM), vit (image encoder) or encoder (BERT-style text encoder)."""
+    """causal_lm (decoder LM), vit (image encoder), encoder (BERT-style text encoder) or vlm (LLaVA: vision tower
+    + projector + causal LM, :mod:`ray_med.models.vlm`)."""
     description: str
     """One line for listings and ``--help``."""
     make_config: Callable[..., PreTrainedConfig]
@@ -78,6 +79,44 @@ def _tiny_bert(*, vocab_size: int | None = None, num_labels: int | None = None) 
     return cfg
 
 
+def _siglip(**shape: Any) -> Callable[[], PreTrainedConfig]:
+    def make() -> PreTrainedConfig:
+        from transformers import SiglipVisionConfig  # lazy: as above
+
+        return SiglipVisionConfig(**shape)
+
+    return make
+
+
+# The vision towers a vlm preset can take (model.vision in a multimodal config). SigLIP
+# has no CLS token, so every patch becomes an image token ("full" feature selection).
+VISION_TOWERS: dict[str, Callable[[], PreTrainedConfig]] = {
+    # 28x28 input (MedMNIST's size) in 16 patches of 7x7: 16 image tokens.
+    "tiny-siglip": _siglip(image_size=28, patch_size=7, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_channels=3),
+    # SigLIP so400m/14 (Alabdulmohsin et al., 2023) at Med-PaLM M's 224 px: 256 image tokens.
+    "siglip-so400m-224": _siglip(image_size=224, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                                 num_hidden_layers=27, num_attention_heads=16, num_channels=3),
+}
+
+
+def _vlm(vision: str, text: Callable[..., PreTrainedConfig]) -> Callable[..., PreTrainedConfig]:
+    def make(*, vocab_size: int | None = None, num_labels: int | None = None) -> PreTrainedConfig:
+        from transformers import LlavaConfig  # lazy: as above
+
+        if num_labels is not None:
+            raise ModelError("a vlm preset answers in text; num_labels applies to vit and encoder presets")
+        v = VISION_TOWERS[vision]()
+        n_tokens = (v.image_size // v.patch_size) ** 2
+        t = text(vocab_size=vocab_size)
+        # The image token is the last id until a tokenizer gives it its own (models.vlm.build_vlm).
+        return LlavaConfig(vision_config=v, text_config=t, image_token_index=t.vocab_size - 1,
+                           image_seq_length=n_tokens, vision_feature_select_strategy="full", vision_feature_layer=-1,
+                           projector_hidden_act="gelu", tie_word_embeddings=False)
+
+    return make
+
+
 # Llama-2 shapes from the published configs (Touvron et al., 2023). Llama-2 uses
 # rms_norm_eps 1e-5 where LlamaConfig defaults to 1e-6; it changes no shape but keeps
 # a loaded checkpoint and a built preset numerically alike.
@@ -94,19 +133,22 @@ _LLAMA2_70B = dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidde
 # keep Llama-2's 32000. Load the checkpoint folder when exact shapes matter.
 _MEDITRON_NOTE = "vocab kept at Llama-2's 32000 (unverified; load the checkpoint for exact shapes)"
 
+_TINY_LLAMA = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=512, vocab_size=2048, tie_word_embeddings=False)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset(
             "tiny-llama", "causal_lm",
             "2-layer Llama, hidden 64, GQA 4/2 heads, 512 positions, vocab 2048 (or the tokenizer's)",
-            _llama(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=512, vocab_size=2048,
-                   tie_word_embeddings=False),
+            _llama(**_TINY_LLAMA),
         ),
         Preset("tiny-vit", "vit", "2-layer ViT for 28x28 grey images (16 patches of 7x7), hidden 64", _tiny_vit),
         Preset("tiny-bert", "encoder", "2-layer BERT encoder, hidden 64, vocab 2048 (or the tokenizer's)",
                _tiny_bert),
+        Preset("tiny-vlm", "vlm", "tiny-siglip tower (28 px, 16 image tokens) + projector + tiny-llama (LLaVA)",
+               _vlm("tiny-siglip", _llama(**_TINY_LLAMA))),
         Preset(
             "llama-1b", "causal_lm", "~1.1B Llama (TinyLlama-1.1B shape: 22 layers, hidden 2048, GQA 32/4)",
             _llama(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -120,6 +162,8 @@ PRESETS: dict[str, Preset] = {
                _llama(**dict(_LLAMA2_7B, max_position_embeddings=2048))),
         Preset("meditron-70b", "causal_lm", f"Meditron-70B: Llama-2-70B shape, 4K context; {_MEDITRON_NOTE}",
                _llama(**_LLAMA2_70B)),
+        Preset("medpalm-m-7b", "vlm", "Med-PaLM M-style layout: SigLIP so400m/14 at 224 px (256 image tokens) + "
+               "projector + Llama-2-7B (LLaVA)", _vlm("siglip-so400m-224", _llama(**_LLAMA2_7B))),
     ]
 }
 
@@ -149,9 +193,9 @@ def preset_config(name: str, *, vocab_size: int | None = None, num_labels: int |
         if vocab_size is not None:
             raise ModelError(f"preset '{name}' is an image model and has no vocabulary; drop vocab_size")
         return preset.make_config(num_labels=num_labels)
-    if preset.family == "causal_lm":
+    if preset.family in ("causal_lm", "vlm"):
         if num_labels is not None:
-            raise ModelError(f"preset '{name}' is a causal LM; num_labels applies to vit and encoder presets")
+            raise ModelError(f"preset '{name}' is a {preset.family}; num_labels applies to vit and encoder presets")
         return preset.make_config(vocab_size=vocab_size)
     return preset.make_config(vocab_size=vocab_size, num_labels=num_labels)
 
@@ -176,6 +220,7 @@ def build_model(
         AutoModel,
         AutoModelForCausalLM,
         AutoModelForImageClassification,
+        AutoModelForImageTextToText,
         AutoModelForSequenceClassification,
     )
 
@@ -183,6 +228,8 @@ def build_model(
     config = preset_config(preset, vocab_size=vocab_size, num_labels=num_labels)
     if family == "causal_lm":
         auto: Any = AutoModelForCausalLM
+    elif family == "vlm":
+        auto = AutoModelForImageTextToText
     elif num_labels is None:
         auto = AutoModel
     else:

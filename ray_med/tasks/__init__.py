@@ -16,7 +16,16 @@ from ray_med.tasks.prompts import (
     item_from_record,
     select_shots,
 )
-from ray_med.tasks.registry import TASKS, Task, get_task, prompt_formats, register_task, task_for_format
+from ray_med.tasks.registry import (
+    TASKS,
+    Task,
+    get_multimodal_task,
+    get_task,
+    multimodal_tasks,
+    prompt_formats,
+    register_task,
+    task_for_format,
+)
 
 __all__ = [
     "COT_TRIGGER",
@@ -29,7 +38,9 @@ __all__ = [
     "build_prompt",
     "class_weights",
     "fit_prompt",
+    "get_multimodal_task",
     "get_task",
+    "multimodal_tasks",
     "item_from_record",
     "prompt_formats",
     "register_task",

@@ -6,6 +6,10 @@ the model), what it predicts (a label space and a type), how a language model is
 entry serves a classifier head (``jobs/finetune.py``, ``evaluate.py classify``) and an LM
 prompt (``evaluate.py qa``, ``/v1/qa``): PubMedQA is one task whichever way it is solved.
 
+Tasks the multimodal model (Med-PaLM M) is trained and scored on carry an
+:class:`~ray_med.tasks.instructions.Instruction`: its instruction, context template,
+question, answer format and text-only one-shot exemplar.
+
 Adding a task is one :class:`Task` line in :data:`TASKS` (or :func:`register_task` from
 another module, for tasks that live with their own code).
 """
@@ -17,6 +21,7 @@ from typing import Literal
 
 from ray_med.config import lookup
 from ray_med.errors import ConfigError
+from ray_med.tasks.instructions import Exemplar, Instruction
 
 TaskType = Literal["binary", "multiclass", "multilabel"]
 PromptStyle = Literal["mcq", "yesno"]
@@ -47,20 +52,63 @@ class Task:
     """The headline metric: what early stopping, sweeps and the run index rank by."""
     description: str = ""
     """One line for listings and ``--help``."""
+    instruction: Instruction | None = None
+    """How the multimodal model is asked (``jobs/multimodal.py``, ``evaluate.py multimodal``); None: not a
+    multimodal task."""
 
+
+_MCQ = Instruction(
+    "choice", "The following are multiple choice questions about medical knowledge. Answer with the letter of the "
+    "correct option.", options="record",
+    exemplar=Exemplar("Which vitamin deficiency causes scurvy?", "Vitamin C",
+                      options=("Vitamin A", "Vitamin B12", "Vitamin C", "Vitamin D")),
+)
+_PUBMEDQA = Instruction(
+    "choice", "Answer the biomedical research question about the abstract with yes, no or maybe.",
+    context="Context: {context}", options="words",
+    exemplar=Exemplar("Does regular aspirin use lower the risk of colorectal adenoma?", "yes",
+                      context="In a randomised trial, aspirin reduced the incidence of colorectal adenomas."),
+)
+_CXR = "You are a helpful radiology assistant."
+_VQA = Instruction(
+    "generate", f"{_CXR} Answer the question about the medical image in a few words.", context="Given {image}.",
+    exemplar=Exemplar("Is there a pleural effusion?", "no", context="Given the chest X-ray <img>."), image=True,
+    metric="vqa",
+)
 
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
         Task("medqa", "medqa", "multiclass", "question", None, "answer", None, prompt="mcq", metric="accuracy",
-             description="MedQA (USMLE): a question with lettered options -> the letter"),
+             description="MedQA (USMLE): a question with lettered options -> the letter", instruction=_MCQ),
         Task("medmcqa", "medmcqa", "multiclass", "question", None, "answer", ("A", "B", "C", "D"), prompt="mcq",
-             metric="accuracy", description="MedMCQA: a question with options A-D -> the letter"),
+             metric="accuracy", description="MedMCQA: a question with options A-D -> the letter", instruction=_MCQ),
         Task("pubmedqa", "pubmedqa", "multiclass", "question", "context", "answer", ("yes", "no", "maybe"),
-             prompt="yesno", description="PubMedQA reasoning-required: question + abstract -> yes/no/maybe"),
+             prompt="yesno", description="PubMedQA reasoning-required: question + abstract -> yes/no/maybe",
+             instruction=_PUBMEDQA),
         Task("pubmedqa_rf", "pubmedqa", "multiclass", "question", "meta.long_answer", "answer",
              ("yes", "no", "maybe"), prompt="yesno",
              description="PubMedQA reasoning-free: question + long answer -> yes/no/maybe"),
+        Task("pneumonia", "medmnist", "binary", "image", None, "label", ("normal", "pneumonia"),
+             description="PneumoniaMNIST: a paediatric chest X-ray -> normal or pneumonia, as multiple choice",
+             instruction=Instruction(
+                 "choice", f"{_CXR} Identify whether the chest X-ray shows pneumonia.",
+                 context="Given the chest X-ray {image}.", question="Which finding does the X-ray show?",
+                 options="labels", exemplar=Exemplar("Which finding does the X-ray show?", "normal",
+                                                     context="Given the chest X-ray <img>."), image=True)),
+        Task("vqa_rad", "vqa_json", "multiclass", "question", None, "answer", None, metric="token_f1",
+             description="VQA-RAD (JSON): a radiology image and a question -> a short answer", instruction=_VQA),
+        Task("slake", "vqa_json", "multiclass", "question", None, "answer", None, metric="token_f1",
+             description="SLAKE (JSON, English): a medical image and a question -> a short answer",
+             instruction=_VQA),
+        Task("cxr_report", "report_json", "multiclass", "text", None, "answer", None, metric="rouge_l",
+             description="MIMIC-CXR-style reports: a chest X-ray -> its findings and impression",
+             instruction=Instruction(
+                 "generate", f"{_CXR} Write the findings and impression of the radiology report for the chest "
+                 "X-ray.", context="Given the chest X-ray {image}.", question="What is the report?",
+                 exemplar=Exemplar("What is the report?", "FINDINGS: The lungs are clear. No pleural effusion. "
+                                   "IMPRESSION: No acute cardiopulmonary process.",
+                                   context="Given the chest X-ray <img>."), image=True, metric="report")),
         Task("mtsamples_specialty", "mtsamples", "multiclass", "text", None, "label", None, min_count=10,
              description="MTSamples: transcription -> medical specialty (classes with >= 10 notes)"),
         Task("mimic_mor", "mimic_outcomes", "binary", "text", None, "label", ("0", "1"),
@@ -93,6 +141,17 @@ def get_task(name: str) -> Task:
 def prompt_formats() -> tuple[str, ...]:
     """Reader formats an LM can be asked in (``evaluate.py qa --format``)."""
     return tuple(dict.fromkeys(t.reader for t in TASKS.values() if t.prompt))
+
+
+def multimodal_tasks() -> list[str]:
+    """Names of the tasks the multimodal model can be asked (those with an instruction)."""
+    return [n for n, t in TASKS.items() if t.instruction is not None]
+
+
+def get_multimodal_task(name: str) -> Task:
+    """The multimodal task called ``name``, or a clear error listing the valid ones."""
+    task = lookup({n: TASKS[n] for n in multimodal_tasks()}, name, "multimodal task")
+    return task
 
 
 def task_for_format(fmt: str) -> Task | None:

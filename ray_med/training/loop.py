@@ -127,6 +127,8 @@ class StepResult:
     tokens: int
     grad_norm: float | None = None
     lr: float | None = None
+    samples: int = 0
+    """Examples in the micro-batch, for samples/s (0: not counted)."""
 
 
 class Checkpointer(Protocol):
@@ -161,7 +163,8 @@ class _Window:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self.tokens, self.seconds, self._t0 = 0, 0.0, clock()
+        self.tokens, self.samples, self.seconds, self._t0 = 0, 0, 0.0, clock()
+        self.samples_per_s = 0.0
 
     def resume(self) -> None:
         self._t0 = self._clock()
@@ -173,7 +176,8 @@ class _Window:
         """Tokens/s of the window, then start a new one."""
         self.pause()
         rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        self.tokens, self.seconds = 0, 0.0
+        self.samples_per_s = self.samples / self.seconds if self.seconds > 0 else 0.0
+        self.tokens, self.samples, self.seconds = 0, 0, 0.0
         self.resume()
         return rate
 
@@ -234,6 +238,7 @@ def run_loop(
             state.batches_in_epoch += 1
             state.tokens += res.tokens * s.world
             window.tokens += res.tokens * s.world
+            window.samples += res.samples * s.world
             epoch_losses.append(float(res.loss))
             if not boundary:
                 continue
@@ -243,6 +248,8 @@ def run_loop(
             last = steps_done()
             if (s.log_every and state.step % s.log_every == 0) or last:
                 row = _row(s, state, res, reduce_mean(float(res.loss)), window.take())
+                if res.samples:
+                    row["samples_per_s"] = window.samples_per_s
                 state.history.append(row)
                 log(_progress(s, row))
             if evaluate is not None and s.eval_every and (state.step % s.eval_every == 0 or last):

@@ -496,6 +496,10 @@ def test_reader_entry_point_errors(tmp_path: Path, fixtures: Path) -> None:
         "jsonl",
         "parquet",
         "medmnist",
-    ]
+        "image_csv",
+        "dicom",
+        "vqa_json",
+        "report_json",
+]
     assert reader_options("medmnist") == ["splits", "label_names"]
     assert read_records("jsonl", Path(fixtures / "corpus.jsonl")).records[0].id == "g1"  # type: ignore[arg-type]

@@ -100,6 +100,7 @@ def test_registry_lists_every_preset_with_its_family() -> None:
     assert names[:3] == ["tiny-llama", "tiny-vit", "tiny-bert"]
     assert {"llama2-7b", "llama2-13b", "llama2-70b", "meditron-7b", "meditron-70b", "llama-1b"} <= set(names)
     assert get_preset("tiny-vit").family == "vit" and get_preset("tiny-bert").family == "encoder"
+    assert get_preset("tiny-vlm").family == get_preset("medpalm-m-7b").family == "vlm"
     assert all(get_preset(n).family == "causal_lm" for n in names if "llama" in n or "meditron" in n)
     assert all(get_preset(n).description for n in names)
     assert preset_config("tiny-llama", vocab_size=123).vocab_size == 123
