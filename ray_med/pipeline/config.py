@@ -44,6 +44,13 @@ class PipelineConfig:
     """Stage-2 downstream adapter + classifier (needs pretrain; stacks domain's adapter when it ran)."""
     serve: StageConfig = field(default_factory=lambda: StageConfig(config="jobs/configs/serve_check/tiny.yaml"))
     """Deploy the results with Ray Serve and ask every endpoint once (needs pretrain)."""
+    multimodal: StageConfig = field(
+        default_factory=lambda: StageConfig(config="jobs/configs/multimodal/tiny_pneumonia.yaml")
+    )
+    """The multimodal model: the pretrained LM (when pretrain ran) under a vision tower, on PneumoniaMNIST +
+    PubMedQA; held-out macro AUROC with its CI."""
+    serve_vlm: StageConfig = field(default_factory=lambda: StageConfig(config="jobs/configs/serve_check/tiny_vlm.yaml"))
+    """Serve the multimodal model and send it a real chest X-ray (needs multimodal)."""
 
 
 @dataclass

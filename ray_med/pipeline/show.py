@@ -13,6 +13,7 @@ from ray_med.corpus.report import print_corpus
 from ray_med.serving.client import print_serve_check
 from ray_med.serving.config import ServeCheckOutputs
 from ray_med.training.config import FinetuneOutputs, PretrainOutputs
+from ray_med.training.multimodal_config import MultimodalOutputs
 
 
 def format_perplexity(history: list[dict[str, Any]]) -> str:
@@ -61,6 +62,21 @@ def show_domain(out: FinetuneOutputs, cached: bool) -> None:
     print(format_perplexity(out.history))
 
 
+def show_multimodal(out: MultimodalOutputs, cached: bool) -> None:
+    if cached:
+        print(f"model:       {out.model_dir}")
+    m = out.metrics
+    lines = [f"\nheld-out metrics ({m.get('phase')} phase, {m.get('steps')} steps, {m.get('train_s', 0):.0f}s of "
+             f"training; best {m.get('monitor')} {m.get('best_dev') if m.get('best_dev') is None else round(m['best_dev'], 4)}):", "",
+             "| task | n | macro AUROC | 95% CI | macro F1 | accuracy |", "|---|---|---|---|---|---|"]
+    for task, e in (m.get("eval") or {}).items():
+        if "auroc_macro" in e:
+            lo, hi = e["auroc_macro_ci"]
+            lines.append(f"| {task} | {e['n']} | {e['auroc_macro']:.4f} | [{lo:.4f}, {hi:.4f}] | {e['f1_macro']:.4f} "
+                         f"| {e['accuracy']:.4f} |")
+    print("\n".join(lines))
+
+
 def show_downstream(out: FinetuneOutputs, cached: bool) -> None:
     if cached:
         print(f"classifier:  {out.adapter_dir}")
@@ -69,4 +85,7 @@ def show_downstream(out: FinetuneOutputs, cached: bool) -> None:
 
 def show_serve(out: ServeCheckOutputs, cached: bool) -> None:
     if cached:
-        print_serve_check(out, cached=True)
+        # lazy: the serve_check module imports Ray Serve; the pipeline prints without it otherwise
+        from ray_med.serving.deploy import print_multimodal_check
+
+        (print_multimodal_check if out.multimodal else print_serve_check)(out, cached=True)

@@ -72,6 +72,17 @@ def _serve(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
     return out
 
 
+def _multimodal(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    out = [format_override("data_root", _data_root(cfg))]
+    if "pretrain" in up:  # the life of one model: the pretrained LM learns to see
+        out += [format_override("model.language_model", up["pretrain"].model_dir), "model.preset=null"]
+    return out
+
+
+def _serve_vlm(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    return [format_override("args.model", up["multimodal"].model_dir), format_override("data_root", _data_root(cfg))]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", "corpus", "read the corpus sources into Parquet, train the tokenizer (on the documents "
           "pretraining trains on), print the data report", show=show.show_data,
@@ -88,6 +99,13 @@ STAGES: tuple[Stage, ...] = (
           artifacts=lambda out: [out.adapter_dir]),
     Stage("serve", "serve_check", "the Serve app on the pretrained model, the domain adapter and the classifier; "
           "one request to every endpoint", needs=("pretrain",), uses=("pretrain", "domain", "downstream"), handoff=_serve, show=show.show_serve),
+    Stage("multimodal", "multimodal", "the multimodal model (Med-PaLM M as LLaVA): the pretrained LM under a tiny "
+          "vision tower, trained on PneumoniaMNIST + PubMedQA; held-out macro AUROC with its CI",
+          uses=("pretrain",), handoff=_multimodal, show=show.show_multimodal,
+          artifacts=lambda out: [out.model_dir]),
+    Stage("serve_vlm", "serve_check", "the Serve app on the multimodal model: a real chest X-ray to /v1/generate, "
+          "chat and /v1/classify", needs=("multimodal",), uses=("multimodal",), handoff=_serve_vlm,
+          show=show.show_serve),
 )
 
 

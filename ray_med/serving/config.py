@@ -7,6 +7,7 @@ with the valid keys listed. Paths are checked on the driver before any replica s
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from ray_med.adapters.registry import check_adapter_dir
 from ray_med.errors import ConfigError, ModelError
 from ray_med.evaluation.config import QAConfig
-from ray_med.runtime import RuntimeConfig, cache_root, localize
+from ray_med.runtime import RuntimeConfig, Storage, cache_root, is_uri, localize
 from ray_med.tasks.registry import prompt_formats
 
 
@@ -90,7 +91,9 @@ class ServeAppConfig:
     """The ray_med Serve application (``import_path: ray_med.serving.app:build_app``)."""
 
     model: str = ""
-    """Causal LM folder (HF format, with its tokenizer) for /v1/qa, /v1/generate and chat; empty: none."""
+    """Model folder (HF format, with its tokenizer); empty: none. A causal LM serves /v1/qa, /v1/generate
+    and chat; a multimodal (LLaVA) one, e.g. jobs/multimodal.py's <output_dir>/model, serves /v1/generate
+    and chat with an image, and /v1/classify with image + task."""
     model_name: str = ""
     """Name of the base model in /v1/models and chat requests (default: the folder's name)."""
     adapters: dict[str, str] = field(default_factory=dict)
@@ -106,6 +109,9 @@ class ServeAppConfig:
     """Reader of shots_file: medqa, medmcqa or pubmedqa."""
     max_input_chars: int = 20000
     """Longest text field accepted (HTTP 413 beyond it; at most 100000)."""
+    max_image_bytes: int = 20_000_000
+    """Largest image file (PNG/JPEG bytes, before base64) accepted (HTTP 413 beyond it); a chest X-ray
+    PNG is typically 1-10 MB."""
     max_image_pixels: int = 25_000_000
     """Largest image (width x height, read from its header before decoding) accepted (HTTP 413 beyond it)."""
     max_new_tokens: int = 512
@@ -147,6 +153,9 @@ class ServeAppConfig:
             raise ConfigError(f"model: {self.model} is not a model folder (no config.json)")
         if self.adapters and not self.model:
             raise ConfigError("adapters are LoRA adapters of the causal LM: set model too")
+        if self.adapters and self.model_multimodal():
+            raise ConfigError("adapters: LoRA adapters are served for a causal LM; model is a multimodal (LLaVA) "
+                              "folder (merge its LoRA into it, as jobs/multimodal.py's export does)")
         both = set(self.adapters) & set(self.classifiers)
         if both:
             raise ConfigError(f"names used both as adapter and classifier: {sorted(both)}")
@@ -161,6 +170,8 @@ class ServeAppConfig:
             raise ConfigError(str(exc)) from None
         if not 1 <= self.max_input_chars <= MAX_CHARS:
             raise ConfigError(f"max_input_chars must be between 1 and {MAX_CHARS}, got {self.max_input_chars}")
+        if self.max_image_bytes < 1:
+            raise ConfigError(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.auth.api_key_env and self.auth.api_key_file:
@@ -209,6 +220,24 @@ class ServeAppConfig:
                                             for n, p in self.classifiers.items()})
         return out
 
+    def model_multimodal(self) -> bool:
+        """Whether ``model`` is a multimodal (LLaVA) folder, read from its config.json alone.
+
+        The gateway asks at start-up, without loading or downloading the model: a folder
+        in remote storage has that one file read.
+        """
+        if not self.model:
+            return False
+        if not is_uri(self.model):
+            # lazy: ray_med.models.vlm's module pulls in the presets, which this config parses without
+            from ray_med.models.vlm import is_vlm_folder
+
+            return is_vlm_folder(self.model)
+        try:
+            return json.loads(Storage.parse(self.model).read_text("config.json")).get("model_type") == "llava"
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model: cannot read {self.model}/config.json ({exc})") from None
+
     @property
     def base_name(self) -> str:
         return self.model_name or (Path(self.model).name if self.model else "")
@@ -236,7 +265,18 @@ class ServeCheckConfig:
     data_path: str = "pubmedqa/pqal_trainval.json"
     """A PubMedQA file: its first item is asked in every QA mode and classified."""
     write_config: str | None = None
-    """Also write the filled-in Serve config here (for `serve run`); default: <run.storage>/serve_tiny.yaml."""
+    """Also write the filled-in Serve config here (for `serve run`); default: <run.storage>/serve_<name>.yaml
+    for serve_config <name>.yaml (runs/serve_tiny.yaml, runs/serve_tiny_vlm.yaml)."""
+    image_path: str = "pneumoniamnist/pneumoniamnist_trainval.npz"
+    """For a multimodal model: a MedMNIST .npz (resolved against data_root like data_path) holding the
+    chest X-ray sent to /v1/generate, chat and /v1/classify instead of the PubMedQA requests."""
+    image_split: str = "val"
+    """The split of image_path the X-ray comes from."""
+    image_index: int = 0
+    """The X-ray's index in that split."""
+    image_task: str = "pneumonia"
+    """The multimodal image-classification task: its instruction is the generate and chat prompt, and
+    /v1/classify is asked it (a task of ray_med.tasks.multimodal_tasks() with an image and choices)."""
 
 
 @dataclass
@@ -246,10 +286,13 @@ class ServeCheckOutputs:
     run_dir: str
     url: str
     item: dict[str, Any] = field(default_factory=dict)
-    """The PubMedQA item asked: its id, question and gold answer."""
+    """The item asked: its id, question and gold answer (PubMedQA; for a multimodal model, the X-ray's
+    id, the task's question, its gold label, and the task)."""
     rows: list[dict[str, Any]] = field(default_factory=list)
     serve_config: str | None = None
     """The filled-in Serve config written for `serve run`."""
+    multimodal: bool = False
+    """The served model was multimodal: the rows are the X-ray requests, not the PubMedQA ones."""
 
     def headline(self) -> tuple[str, Any]:
         return "ok_requests", sum(r["status"] == 200 for r in self.rows)

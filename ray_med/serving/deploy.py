@@ -3,12 +3,14 @@
 ``serve run cluster/serve/<name>.yaml`` is the way to deploy; this module is the same
 thing in process: it reads a Serve config's first application, swaps in other model
 folders when asked, validates the file with Serve's own schema, and runs it.
-:func:`run_serve_check` (``jobs/serve_check.py``, the demo's serve stage) deploys one and
-asks every endpoint once.
+:func:`run_serve_check` (``jobs/serve_check.py``, the demo's serve stages) deploys one and
+asks every endpoint once: a PubMedQA item for a causal LM, a real chest X-ray for a
+multimodal model (:func:`multimodal_requests`).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import logging
@@ -24,13 +26,17 @@ from ray.serve.schema import ServeDeploySchema
 
 from ray_med.data import read_records
 from ray_med.data.config import resolve_path
+from ray_med.data.records import Record
 from ray_med.errors import ConfigError
+from ray_med.models.vlm import IMAGE_TOKEN
 from ray_med.runtime import RunContext, embedded_ray, free_port, init_ray
 from ray_med.serving.app import app_config, build_app
-from ray_med.serving.client import demo_requests, print_serve_check
+from ray_med.serving.client import call, demo_requests, print_serve_check, summarize
 from ray_med.serving.config import ServeCheckConfig, ServeCheckOutputs
+from ray_med.serving.engines import image_classification_tasks
 from ray_med.serving.guards import read_api_key
-from ray_med.tasks import get_task, task_data
+from ray_med.tasks import get_multimodal_task, get_task, task_data
+from ray_med.tasks.instructions import make_example
 
 
 def read_serve_config(path: str | Path) -> dict[str, Any]:
@@ -91,31 +97,124 @@ def running(config: dict[str, Any], *, port: int | None = None) -> Iterator[str]
             serve.shutdown()
 
 
+def _data_file(cfg: ServeCheckConfig, path: str) -> str:
+    return resolve_path(path if Path(path).is_absolute() else str(Path(cfg.data_root) / path))
+
+
+def xray_record(cfg: ServeCheckConfig) -> Record:
+    """The chest X-ray the multimodal check sends: ``image_split[image_index]`` of ``image_path`` (MedMNIST)."""
+    path = _data_file(cfg, cfg.image_path)
+    records = read_records("medmnist", path, options={"splits": [cfg.image_split]}).records
+    if not 0 <= cfg.image_index < len(records):
+        raise ConfigError(f"image_index {cfg.image_index}: the {cfg.image_split} split of {path} has "
+                          f"{len(records)} images")
+    return records[cfg.image_index]
+
+
+def multimodal_requests(url: str, record: Record, task_name: str, *,
+                        api_key: str | None = None) -> list[dict[str, Any]]:
+    """The X-ray to /v1/generate (the task's prompt), to chat (an image_url data URL) and to /v1/classify (the task).
+
+    Each row: endpoint, request (the image elided), status, response.
+    """
+    task = get_multimodal_task(task_name)
+    if task.name not in image_classification_tasks():
+        raise ConfigError(f"image_task {task_name!r} is not an image classification task; use one of "
+                          f"{', '.join(image_classification_tasks())}")
+    assert record.image is not None
+    b64 = base64.b64encode(record.image).decode()
+    prompt = make_example(task, record).prompt  # Instructions, the text-only exemplar, then the X-ray's turn
+    before, _, after = prompt.partition(IMAGE_TOKEN)
+    chat_parts = [{"type": "text", "text": before},
+                  {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},
+                  {"type": "text", "text": after}]
+    calls: list[tuple[str, dict[str, Any] | None]] = [
+        ("/healthz", None),
+        ("/v1/models", None),
+        ("/v1/generate", {"prompt": prompt, "image": b64, "max_new_tokens": 8}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": chat_parts}], "max_tokens": 8}),
+        ("/v1/classify", {"image": b64, "task": task.name}),
+    ]
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+    rows = []
+    for path, body in calls:
+        status, response = call(url, path, body, headers=headers)
+        rows.append({"endpoint": path, "request": _elide_image(body), "status": status, "response": response})
+    return rows
+
+
+def _elide_image(body: Any) -> Any:
+    """``body`` with its base64 images shortened (the outputs keep the request's shape, not the pixels)."""
+    if isinstance(body, dict):
+        return {k: (f"<{len(v)} base64 chars>" if k in ("image", "url") and isinstance(v, str) and len(v) > 64
+                    else _elide_image(v)) for k, v in body.items()}
+    if isinstance(body, list):
+        return [_elide_image(v) for v in body]
+    return body
+
+
+def summarize_multimodal(row: dict[str, Any]) -> str:
+    """One line for a multimodal check's response."""
+    r = row["response"]
+    if row["status"] == 200 and row["endpoint"] == "/v1/classify":
+        return f"task {r['task']}: {r['label']} {r['probabilities']}"
+    return summarize(row)
+
+
+def print_multimodal_check(out: ServeCheckOutputs, *, cached: bool = False) -> None:
+    """Where the app was served, the X-ray sent (and its gold label), one line per endpoint, the config written."""
+    item = out.item
+    when = "served earlier (not running now)" if cached else "served"
+    print(f"{when} at {out.url} (chest X-ray {item['id']}, task {item['task']}: {item['question']!r}, "
+          f"gold label {item['answer']})")
+    for row in out.rows:
+        print(f"  {row['endpoint']:<22} {summarize_multimodal(row)}")
+    if out.serve_config:
+        print(f"serve config: {out.serve_config}  (run it: serve run {out.serve_config})")
+
+
 def run_serve_check(cfg: ServeCheckConfig, ctx: RunContext) -> ServeCheckOutputs:
-    """Deploy ``cfg.serve_config`` with ``cfg.args`` in, ask every endpoint once, print the answers."""
+    """Deploy ``cfg.serve_config`` with ``cfg.args`` in, ask every endpoint once, print the answers.
+
+    A causal LM is asked a PubMedQA item (``data_path``); a multimodal model is sent a
+    chest X-ray (``image_path``, ``image_split``, ``image_index``) under ``image_task``.
+    """
     config = with_args(read_serve_config(cfg.serve_config), **cfg.args)
-    data = cfg.data_path if Path(cfg.data_path).is_absolute() else str(Path(cfg.data_root) / cfg.data_path)
-    # A real PubMedQA item: its question and abstract for QA, question + conclusion to classify.
-    records = read_records("pubmedqa", resolve_path(data)).records
-    item = records[0]
-    rf = task_data(get_task("pubmedqa_rf"), records[:1])
     args = config["applications"][0].get("args", {})
     classifiers, adapters = args.get("classifiers") or {}, args.get("adapters") or {}
     app_cfg = app_config(args)
+    multimodal = app_cfg.model_multimodal()
+    if multimodal:  # a real chest X-ray, asked as the task's multiple-choice question
+        record = xray_record(cfg)
+        task = get_multimodal_task(cfg.image_task)
+        item = {"id": record.id, "question": task.instruction.question if task.instruction else None,
+                "answer": record.label, "task": task.name}
+    else:
+        # A real PubMedQA item: its question and abstract for QA, question + conclusion to classify.
+        records = read_records("pubmedqa", _data_file(cfg, cfg.data_path)).records
+        qa = records[0]
+        rf = task_data(get_task("pubmedqa_rf"), records[:1])
+        item = {"id": qa.id, "question": qa.question, "answer": qa.answer}
     # The check is a client too: it sends the key the gateway will ask for.
     api_key = read_api_key(app_cfg.auth, env={**os.environ, **app_cfg.gateway.env})
     init_ray(cfg.run)
     with running(config, port=cfg.port or None) as url:
-        rows = demo_requests(url, question=item.question, context=item.context, classify_text=rf.texts[0],
-                             classify_pair=rf.pairs[0] if rf.pairs else None,
-                             classifier=next(iter(classifiers), ""), adapter=next(iter(adapters), None),
-                             api_key=api_key)
+        if multimodal:
+            rows = multimodal_requests(url, record, cfg.image_task, api_key=api_key)
+        else:
+            rows = demo_requests(url, question=qa.question, context=qa.context, classify_text=rf.texts[0],
+                                 classify_pair=rf.pairs[0] if rf.pairs else None,
+                                 classifier=next(iter(classifiers), ""), adapter=next(iter(adapters), None),
+                                 api_key=api_key)
     written = None
-    target = cfg.write_config or (os.path.join(cfg.run.storage, "serve_tiny.yaml") if "://" not in cfg.run.storage
-                                  else None)
+    name = f"serve_{Path(cfg.serve_config).stem}.yaml"
+    target = cfg.write_config or (os.path.join(cfg.run.storage, name) if "://" not in cfg.run.storage else None)
     if target:
         written = str(write_serve_config(config, target))
-    out = ServeCheckOutputs(run_dir=ctx.dir, url=url, rows=rows, serve_config=written,
-                            item={"id": item.id, "question": item.question, "answer": item.answer})
-    print_serve_check(out)
+    out = ServeCheckOutputs(run_dir=ctx.dir, url=url, rows=rows, serve_config=written, item=item,
+                            multimodal=multimodal)
+    if multimodal:
+        print_multimodal_check(out)
+    else:
+        print_serve_check(out)
     return out

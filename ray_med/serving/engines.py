@@ -1,7 +1,10 @@
 """What the Serve deployments compute, as plain objects: no Ray, testable in process.
 
 :class:`LMEngine` holds a causal LM and its LoRA adapters for QA, generation and chat;
-:class:`ClassifierEngine` holds the stage-2 classifiers of ``jobs/finetune.py``. Both
+:class:`VLMEngine` holds a multimodal (LLaVA) model for generation and chat with an
+image and for image classification, through the same functions as its training and
+``evaluate.py multimodal`` (:mod:`ray_med.evaluation.multimodal`: the same tokens, the
+same pixels, the same scores); :class:`ClassifierEngine` holds the stage-2 classifiers of ``jobs/finetune.py``. Both
 load adapters on demand and drop them when told (the deployment's LRU decides when),
 and both call the same functions as the offline evaluation job
 (:mod:`ray_med.evaluation.qa`, :mod:`ray_med.evaluation.classify`), which is why
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,9 +32,18 @@ from ray_med.adapters.classifier import (
 )
 from ray_med.adapters.host import AdapterHost, load_lm
 from ray_med.adapters.stacking import SequenceClassifier
+from ray_med.data.records import Record
 from ray_med.errors import DataError, ModelError
 from ray_med.evaluation.classify import encode_texts, predict
 from ray_med.evaluation.config import QAConfig
+from ray_med.evaluation.multimodal import (
+    ModelGeometry,
+    Pixels,
+    Prepared,
+    choice_probs,
+    generate_texts,
+    prepare,
+)
 from ray_med.evaluation.qa import (
     QAResult,
     chain_of_thought,
@@ -42,7 +54,11 @@ from ray_med.evaluation.qa import (
     top_token,
 )
 from ray_med.models import inference_device, load_base_model, load_tokenizer
+from ray_med.models.vlm import IMAGE_TOKEN, add_image_token, load_vlm
+from ray_med.serving.schemas import data_url_base64, image_bytes
+from ray_med.tasks.instructions import Example, make_example
 from ray_med.tasks.prompts import PromptTooLong, QAItem, fit_prompt, select_shots
+from ray_med.tasks.registry import TASKS, get_multimodal_task, multimodal_tasks
 
 
 def set_threads(n: int) -> None:
@@ -160,13 +176,139 @@ class LMEngine:
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The tokenizer's chat template when it has one, else plain "role: content" turns."""
-        if getattr(self.tokenizer, "chat_template", None):
-            try:
-                return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # templates raise on e.g. roles out of order  # noqa: BLE001
-                raise DataError(f"the model's chat template refused these messages: {exc}") from None
-        turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        return "\n".join(turns) + "\nAssistant:"
+        return render_chat(self.tokenizer, messages)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:
+    """A chat as one prompt: the tokenizer's chat template when it has one, else plain "Role: content" turns."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # templates raise on e.g. roles out of order  # noqa: BLE001
+            raise DataError(f"the model's chat template refused these messages: {exc}") from None
+    turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(turns) + "\nAssistant:"
+
+
+def image_classification_tasks() -> list[str]:
+    """The multimodal tasks /v1/classify answers: an image and a fixed set of classes."""
+    return [n for n in multimodal_tasks() if _classifies_images(n)]
+
+
+def _classifies_images(name: str) -> bool:
+    ins = TASKS[name].instruction
+    return ins is not None and ins.kind == "choice" and ins.image and ins.options in ("labels", "words")
+
+
+class VLMEngine:
+    """A multimodal (LLaVA) model and its tokenizer: generation and chat with an image, image classification.
+
+    A request is an :class:`~ray_med.tasks.instructions.Example` encoded by
+    :func:`~ray_med.evaluation.multimodal.prepare` (its ``<image>`` marker expanded to the
+    model's image tokens) and its image prepared by
+    :class:`~ray_med.evaluation.multimodal.Pixels` (:func:`ray_med.data.images.preprocess`),
+    so a served answer is the one training and ``evaluate.py multimodal`` would give.
+    The model takes at most one image per prompt.
+    """
+
+    def __init__(self, model_path: str) -> None:
+        self.model_path = model_path
+        device, dtype = inference_device()
+        model, self.tokenizer = load_vlm(model_path, dtype=dtype)
+        self.model = model.to(device).eval()
+        add_image_token(self.tokenizer)  # a no-op for a folder this project wrote; as evaluate.py does
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.geo = ModelGeometry.of(self.model.config)
+        self.context = int(getattr(self.model.config.get_text_config(), "max_position_embeddings", 2048))
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def pixels(self) -> Pixels:
+        # Every request's example is called "request": memoising by (task, id) would hand one
+        # request's image to the next, so nothing is kept.
+        return Pixels(self.geo.spec, capacity=0)
+
+    def encode(self, prompt: str, image: bytes | None, *, max_new_tokens: int = 0,
+               choices: list[str] | None = None) -> Prepared:
+        """The prompt's ids (image tokens in place), or a clear error: marker count, context overflow."""
+        markers = prompt.count(IMAGE_TOKEN)
+        n_images = 0 if image is None else 1
+        if markers > n_images or (n_images and not markers):
+            have = "no image" if image is None else "one image"
+            raise DataError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) and {have}: send one {IMAGE_TOKEN} "
+                            "per image (this model takes at most one image per prompt)")
+        ex = Example(id="request", prompt=prompt, target="", choices=choices, image=image, task="request")
+        # No cut to fit: a request's prompt is used whole, or refused as too long.
+        p = prepare(self.tokenizer, ex, self.geo, max_length=2**31, with_target=False)
+        if len(p.input_ids) + max_new_tokens > self.context:
+            with_new = f"; with max_new_tokens={max_new_tokens} it" if max_new_tokens else ", which"
+            of_image = f" ({self.geo.n_image_tokens} of them the image's)" if n_images else ""
+            raise PromptTooLong(f"the prompt is {len(p.input_ids)} tokens{of_image}{with_new} exceeds the model's "
+                                f"{self.context}-token context")
+        return p
+
+    def complete(self, text: str, image: bytes | None = None, *, max_new_tokens: int, temperature: float,
+                 seed: int | None, cancel: threading.Event | None = None) -> Generation:
+        """One generation; an image without an ``<image>`` marker in ``text`` goes in front of it."""
+        prompt = f"{IMAGE_TOKEN}\n{text}" if image is not None and IMAGE_TOKEN not in text else text
+        p = self.encode(prompt, image, max_new_tokens=max_new_tokens)
+        (out, n), = generate_texts(self.model, self.tokenizer, [p], self.pixels(), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=sampling_seed(seed),
+                                   stopping_criteria=_stops(cancel))
+        return Generation(out, len(p.input_ids), n)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> tuple[str, bytes | None]:
+        """(prompt, image bytes or None) of a chat whose contents may be OpenAI parts.
+
+        An ``image_url`` part (a ``data:`` URL: the server fetches nothing) becomes an
+        ``<image>`` marker where it stands; text parts are joined as they are.
+        """
+        images: list[str] = []
+        turns = []
+        for m in messages:
+            content = m["content"]
+            if not isinstance(content, str):
+                pieces = []
+                for part in content:
+                    if part["type"] == "image_url":
+                        images.append(data_url_base64(part["image_url"]["url"]))
+                        pieces.append(IMAGE_TOKEN)
+                    elif part["type"] == "text":
+                        pieces.append(part["text"])
+                    else:
+                        raise DataError(f"unknown content part type {part['type']!r}; use text or image_url")
+                content = "".join(pieces)
+            turns.append({"role": m["role"], "content": content})
+        if len(images) > 1:
+            raise DataError(f"the messages hold {len(images)} images; this model takes one image per prompt")
+        return render_chat(self.tokenizer, turns), image_bytes(images[0]) if images else None
+
+    def classify_image(self, task_name: str, image: bytes, question: str | None = None) -> dict[str, Any]:
+        """Label and class probabilities of ``image`` under a multimodal image-classification task (e.g. pneumonia).
+
+        The probabilities are the next-token distribution over the options' letters,
+        renormalised, as ``evaluate.py multimodal`` scores the task. ``question``: for a
+        task without a fixed question of its own.
+        """
+        task = get_multimodal_task(task_name)
+        if not _classifies_images(task.name):
+            raise DataError(f"task {task.name!r} does not classify an image; image classification tasks: "
+                            f"{', '.join(image_classification_tasks())}")
+        ins = task.instruction
+        assert ins is not None and task.labels
+        if question is not None and ins.question:
+            raise DataError(f"task {task.name!r} asks its own question ({ins.question!r}); send no text")
+        record = Record(id="request", source="request", image=image, question=question)  # no gold label
+        ex = make_example(task, record)
+        p = self.encode(ex.prompt, image, choices=ex.choices)
+        probs = choice_probs(self.model, [p], self.pixels(), self.pad_id)[0]
+        labels = list(task.labels)
+        return {"label": labels[int(probs.argmax())],
+                "probabilities": {lab: round(float(v), 6) for lab, v in zip(labels, probs, strict=True)}}
 
 
 @dataclass

@@ -88,7 +88,8 @@ def _route(scope: dict[str, Any]) -> str:
 def check_image(data: str, *, max_chars: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) of a base64 image: 400 bad base64, 415 not an image, 413 too large (checked before decoding)."""
     if len(data) > max_chars:
-        raise HTTPError(413, f"image is {len(data)} base64 characters; the limit is {max_chars}", "input_too_long")
+        raise HTTPError(413, f"image is about {len(data) * 3 // 4} bytes ({len(data)} base64 characters); the limit "
+                             f"is {max_chars * 3 // 4} bytes", "input_too_long")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

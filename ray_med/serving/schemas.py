@@ -5,16 +5,27 @@ the schema, so an oversized request is refused with a 4xx before it reaches a mo
 ``MAX_CHARS`` is a hard ceiling (the gateway answers a text past it with 413, like one
 past its configured ``max_input_chars``). A ``seed`` makes sampling repeatable; without
 one every sampled request draws a fresh seed.
+
+Images travel as base64 (``image`` fields) or, in chat messages, as OpenAI
+``image_url`` parts holding a ``data:`` URL. The gateway checks each one (:func:`ray_med.serving.guards.check_image`: base64, an
+image, within ``max_input_chars`` x 10 characters and ``max_image_pixels``) before it
+reaches a model. :func:`data_url_base64` reads such a URL: the server fetches
+nothing, so any other URL is refused.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import base64
+import binascii
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 from pydantic_core import PydanticCustomError
 
+from ray_med.errors import DataError
+
 MAX_CHARS = 100_000  # hard ceiling; the app's max_input_chars is the working limit
+MAX_PARTS = 64  # content parts of one chat message
 
 
 def _seed() -> object:
@@ -64,16 +75,24 @@ class QAResponse(BaseModel):
 
 
 class ClassifyRequest(_Strict):
+    """Text classification by a stage-2 classifier (``text``, ``text_pair``, ``adapter``), or, with ``image``
+    and ``task``, image classification by the multimodal model (``text``: the question, for a task without
+    a fixed one)."""
+
     text: str | None = Field(default=None, min_length=1, max_length=MAX_CHARS)
     text_pair: str | None = Field(default=None, max_length=MAX_CHARS)
     adapter: str | None = None
+    image: str | None = Field(default=None, description="base64 PNG/JPEG; with task: the multimodal model classifies it")
+    task: str | None = Field(default=None, max_length=64,
+                             description="a multimodal image task (e.g. pneumonia), with image")
 
 
 class ClassifyResponse(BaseModel):
     label: str
     probabilities: dict[str, float]
     labels: list[str] | None = None
-    adapter: str
+    adapter: str | None = None
+    task: str | None = None
 
 
 class GenerateRequest(_Strict):
@@ -90,9 +109,48 @@ class GenerateResponse(BaseModel):
     adapter: str | None = None
 
 
+class TextPart(_Strict):
+    """An OpenAI text content part."""
+
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_CHARS)
+
+
+class ImageURL(_Strict):
+    url: str = Field(description="data:image/png;base64,... (the server fetches no other URL)")
+    detail: Literal["auto", "low", "high"] | None = None  # OpenAI's; one resolution here, so unused
+
+
+class ImagePart(_Strict):
+    """An OpenAI image content part; the image must be inline, as a ``data:`` URL."""
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_CHARS)
+    content: Annotated[
+        Annotated[Annotated[str, Field(max_length=MAX_CHARS)], Tag("text")]
+        | Annotated[Annotated[list[ContentPart], Field(min_length=1, max_length=MAX_PARTS)], Tag("parts")],
+        # a string or a list of parts: an error names the one that was sent, not both
+        Discriminator(lambda v: "parts" if isinstance(v, list) else "text"),
+    ] = Field(description="a string, or OpenAI content parts (text and image_url)")
+
+    def text(self) -> str:
+        """The message's text: its text parts joined (image parts are not text)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[str]:
+        """The URLs of its image parts, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
 
 
 class ChatRequest(BaseModel):
@@ -105,3 +163,27 @@ class ChatRequest(BaseModel):
     seed: int | None = _seed()
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+
+
+def data_url_base64(url: str) -> str:
+    """The base64 payload of a ``data:<type>;base64,<data>`` URL; a DataError (HTTP 422) for anything else."""
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0][:16] if ":" in url else "no scheme"
+        raise DataError(f"image_url: only data: URLs (data:image/png;base64,...) are accepted, got {scheme!r}; "
+                        "the server fetches nothing")
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise DataError("image_url: a data: URL must carry base64 data (data:image/png;base64,...)")
+    return payload
+
+
+def image_bytes(data: str, what: str = "image") -> bytes:
+    """The bytes of a base64 image field; a DataError (HTTP 422) when it is not base64.
+
+    The gateway has already answered bad base64 with 400 (``check_image``); this is the
+    replica's own check, for callers that skip the gateway.
+    """
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise DataError(f"{what} is not valid base64") from None

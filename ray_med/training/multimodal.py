@@ -189,6 +189,10 @@ def check_config(cfg: MultimodalConfig) -> None:
                           f"{cfg.mixture.min_per_task_per_batch} of each of {len(cfg.tasks)} tasks")
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def run_multimodal(cfg: MultimodalConfig, ctx: RunContext) -> MultimodalOutputs:
     """Prepare the data on the cluster, train on Ray Train, print the held-out metrics."""
     check_config(cfg)
@@ -209,7 +213,7 @@ def run_multimodal(cfg: MultimodalConfig, ctx: RunContext) -> MultimodalOutputs:
                             keep_checkpoints=cfg.checkpoint.keep)
     metrics = fit(trainer).return_value
     print(f"\nmultimodal ({cfg.model.phase}) finished after {metrics['steps']} steps in {metrics['train_s']:.0f}s: "
-          f"best {metrics['monitor']} {metrics['best_dev']:.4f} (step {metrics['best_step']})")
+          f"best {metrics['monitor']} {_num(metrics['best_dev'])} (step {metrics['best_step']})")
     for task, m in metrics["eval"].items():
         if "auroc_macro" in m:
             lo, hi = m["auroc_macro_ci"]

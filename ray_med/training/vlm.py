@@ -145,10 +145,12 @@ def train_vlm(
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
 
-    per_epoch = cfg.eval_every == 0
+    eval_every = cfg.eval_every
+    if cfg.max_steps and not eval_every and cfg.max_steps <= steps_per_epoch:
+        eval_every = cfg.max_steps  # a run shorter than an epoch still ends with a dev evaluation and a checkpoint
     settings = LoopSettings(
         name=name, max_steps=cfg.max_steps, epochs=None if cfg.max_steps else cfg.epochs, log_every=cfg.log_every,
-        eval_every=cfg.eval_every, checkpoint_every=cfg.eval_every, per_epoch=per_epoch, monitor=monitor,
+        eval_every=eval_every, checkpoint_every=eval_every, per_epoch=eval_every == 0, monitor=monitor,
         patience=cfg.patience, keep_best=cfg.keep_best, total_steps=total, world=world,
     )
 

@@ -38,6 +38,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tm
         "eval.max_sequences=4, checkpoint.every_steps=4, scaling.num_workers=0]",
         "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4, scaling.num_workers=0]",
         "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50, scaling.num_workers=0]",
+        "multimodal.overrides=[tasks.0.limit=64, tasks.1.limit=16, train.max_steps=2, train.batch_size=8, "
+        "train.max_length=160, eval.0.limit=40, bootstrap=50, scaling.num_workers=0]",
     ]
     code = _pipeline_main()(args)
     out = capsys.readouterr().out
@@ -113,6 +115,18 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tm
     assert serve_args["model"] == str(pre_dir / "model")
     assert serve_args["classifiers"]["pubmedqa_rf"] == str(down_dir / "adapter")
 
+    # The multimodal stage put the pretrained LM under a vision tower, scored the held-out
+    # X-rays, and the serve_vlm stage sent a real chest X-ray to every image endpoint.
+    (mm_dir,) = tmp_path.glob("multimodal-*")
+    mm = json.loads((mm_dir / "metrics.json").read_text())
+    assert mm["steps"] == 2 and mm["eval"]["pneumonia"]["n"] == 40
+    assert json.loads((mm_dir / "run.json").read_text())["inputs"] == {"model.language_model": pre_dir.name}
+    assert "| pneumonia | 40 |" in out
+    vlm_served = out.split("== stage: serve_vlm ==")[1]
+    for endpoint in ("/v1/generate", "/v1/chat/completions", "/v1/classify"):
+        assert endpoint in vlm_served
+    assert "HTTP " not in vlm_served and "gold label" in vlm_served
+
     # summary.json ties the stages' folders together; each stage's run.json records its lineage.
     (pipe_dir,) = tmp_path.glob("pipeline-*")
     summary = json.loads((pipe_dir / "summary.json").read_text())["stages"]
@@ -129,13 +143,14 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tm
     # no training step is taken), and the same tables are printed.
     assert _pipeline_main()(args) == 0
     again = capsys.readouterr().out
-    assert again.count("cached: ") == 5 and "pretraining finished" not in again
+    assert again.count("cached: ") == 7 and "pretraining finished" not in again
+    assert "| pneumonia | 40 |" in again and "gold label" in again.split("== stage: serve_vlm ==")[1]
     assert "| abstracts |" in again and "pubmedqa_rf test metrics (50 examples" in again
     assert all(_attempts(d) == 1 for d in stages.values())
     assert (pre_dir / "metrics.json").stat().st_mtime_ns == trained
 
     # A changed override of the downstream stage reruns it (and what comes after it), nothing before.
-    changed = [a.replace("train.epochs=1", "train.epochs=2") for a in args] + ["serve.enabled=false"]
+    changed = [a.replace("train.epochs=1", "train.epochs=2") for a in args] + ["serve.enabled=false", "serve_vlm.enabled=false"]
     assert _pipeline_main()(changed) == 0
     third = capsys.readouterr().out
     for stage in ("data", "pretrain", "domain"):

@@ -137,3 +137,36 @@ def make_png(width: int, height: int, *, claim: tuple[int, int] | None = None) -
 def png():
     """:func:`make_png`, for tests."""
     return make_png
+
+
+def vlm_texts() -> list[str]:
+    """Text shaped like the multimodal prompts and chats, so the tiny VLM's tokenizer has their words."""
+    from ray_med.data.records import Record
+    from ray_med.tasks import get_multimodal_task
+    from ray_med.tasks.instructions import make_example
+
+    texts = []
+    for name, label in (("pneumonia", "normal"), ("pneumonia", "pneumonia")):
+        ex = make_example(get_multimodal_task(name), Record(id="x", source="t", image=b"", label=label))
+        texts.append(f"{ex.prompt} {ex.target}")
+    texts += ["User: Describe the chest X-ray <image>\nAssistant: The lungs are clear. No pleural effusion.",
+              "Given the chest X-ray <img>. Q: Is there a pleural effusion? A: no",
+              "FINDINGS: Right lower lobe consolidation. IMPRESSION: Pneumonia."]
+    return texts * 10
+
+
+def build_tiny_vlm(out: Path) -> Path:
+    """A tiny LLaVA folder (random init, tiny-vlm preset) with its tokenizer and processor."""
+    from ray_med.models import train_bpe_tokenizer
+    from ray_med.models.vlm import VLMConfig, add_image_token, build_vlm, save_vlm
+
+    tok = train_bpe_tokenizer(vlm_texts(), vocab_size=400)
+    add_image_token(tok)
+    torch.manual_seed(0)
+    return save_vlm(build_vlm(VLMConfig(preset="tiny-vlm"), tok), tok, out / "vlm")
+
+
+@pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory) -> Path:
+    """:func:`build_tiny_vlm`, once per session."""
+    return build_tiny_vlm(tmp_path_factory.mktemp("serve_vlm"))

@@ -1,7 +1,12 @@
 """The HTTP ingress: a FastAPI app that checks requests, resolves adapters and maps every error to JSON.
 
 Endpoints: ``/v1/qa``, ``/v1/classify``, ``/v1/generate``, ``/v1/chat/completions``,
-``/v1/models`` and ``/healthz``. Request bodies are the pydantic schemas of
+``/v1/models`` and ``/healthz``. When the served model is multimodal (a LLaVA folder,
+read from its config at start-up, never loaded here), ``/v1/generate`` takes an
+``image``, chat messages take OpenAI ``image_url`` parts (``data:`` URLs), and
+``/v1/classify`` with ``image`` + ``task`` asks it an image classification task; every
+image is checked here first (:func:`~ray_med.serving.guards.check_image`). A text-only
+model answers an image with 422. Request bodies are the pydantic schemas of
 :mod:`ray_med.serving.schemas`, passed to the model deployments as they are. The adapter
 comes from the ``adapter`` field or the ``serve_multiplexed_model_id`` header. Every
 exception, raised here or in a model replica, becomes ``{"error": ..., "type": ...}``
@@ -32,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray_med.errors import RayMedError
 from ray_med.serving.config import ServeAppConfig
 from ray_med.serving.deployments.classifier import Classifiers
+from ray_med.serving.engines import image_classification_tasks
 from ray_med.serving.errors import HTTPError, http_status
 from ray_med.serving.guards import BearerAuth, check_image, read_api_key
 from ray_med.serving.schemas import (
@@ -42,7 +48,9 @@ from ray_med.serving.schemas import (
     GenerateResponse,
     QARequest,
     QAResponse,
+    data_url_base64,
 )
+from ray_med.tasks.registry import get_multimodal_task
 
 HEADER = "serve_multiplexed_model_id"
 log = logging.getLogger("ray_med.serving")
@@ -124,6 +132,9 @@ class GatewayEndpoints:
         # never in the config that travels through Ray. A missing one fails the start.
         self.api_key = read_api_key(cfg.auth)
         self.local = Classifiers(cfg) if cfg.classifiers and cfg.classify_in_gateway else None
+        # From the model's config.json alone (a remote folder is not downloaded): which
+        # requests may carry images, and which endpoints the model answers.
+        self.multimodal = cfg.model_multimodal()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self, self.cfg, self.api_key)
@@ -154,6 +165,17 @@ class GatewayEndpoints:
         if n > self.cfg.max_new_tokens:
             raise HTTPError(422, f"max_new_tokens {n} exceeds this server's limit of {self.cfg.max_new_tokens}")
 
+    async def _check_images(self, images: list[str], where: str) -> None:
+        """Each base64 image checked (400/415/413; off the event loop), then 422 unless the model takes them."""
+        for data in images:  # the header is checked before the decode
+            await asyncio.to_thread(check_image, data, max_chars=-(-self.cfg.max_image_bytes * 4 // 3) + 4,
+                                    max_pixels=self.cfg.max_image_pixels)
+        if images and not self.multimodal:
+            served = "the served model is text-only" if self.cfg.model else "this server has no model"
+            raise HTTPError(422, f"{served}; images ({where}) need a multimodal model", "unsupported")
+        if len(images) > 1:
+            raise HTTPError(422, f"{len(images)} images ({where}); this model takes one image per prompt")
+
     # ---- endpoints
 
     async def healthz(self) -> dict[str, Any]:
@@ -164,6 +186,8 @@ class GatewayEndpoints:
         data = []
         if self.cfg.model:
             data.append({"id": self.cfg.base_name, "object": "model", "owned_by": "ray_med", "kind": "base"})
+            if self.multimodal:
+                data[-1]["modalities"] = ["text", "image"]
         data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "lora", "parent": self.cfg.base_name}
                  for n in self.cfg.adapters]
         data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "classifier"}
@@ -171,6 +195,9 @@ class GatewayEndpoints:
         return {"object": "list", "data": data}
 
     async def qa(self, body: QARequest, request: Request) -> dict[str, Any]:
+        if self.multimodal:
+            raise HTTPError(422, "/v1/qa needs a causal LM; the served model is multimodal (use /v1/generate, "
+                            "chat, or /v1/classify with image and task)", "unsupported")
         self._check_length(question=body.question, context=body.context,
                            options="".join((body.options or {}).values()))
         adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
@@ -178,6 +205,8 @@ class GatewayEndpoints:
         return {**result.to_dict(), "adapter": adapter}
 
     async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
+        if body.image is not None or body.task is not None:
+            return await self.classify_image(body)
         if self.classifier is None and self.local is None:
             raise HTTPError(404, "this server has no classifiers (set classifiers in its config)", "not_deployed")
         if body.text is None:
@@ -194,14 +223,28 @@ class GatewayEndpoints:
             out = await self.classifier.options(multiplexed_model_id=name).classify.remote(body)
         return {**out, "adapter": name}
 
+    async def classify_image(self, body: ClassifyRequest) -> dict[str, Any]:
+        """/v1/classify with image and task: the multimodal model answers the task's multiple-choice question."""
+        if body.image is None or body.task is None:
+            raise HTTPError(422, "image classification needs both image (base64) and task (e.g. pneumonia)")
+        if body.text_pair is not None or body.adapter is not None:
+            raise HTTPError(422, "text_pair and adapter belong to the text classifiers; with image and task send "
+                            "neither (text: the question, for a task without its own)")
+        self._check_length(text=body.text)
+        task = get_multimodal_task(body.task).name  # unknown: 422 listing the tasks, before any image work
+        if task not in image_classification_tasks():
+            raise HTTPError(422, f"task {task!r} does not classify an image; image classification tasks: "
+                            f"{', '.join(image_classification_tasks())}")
+        await self._check_images([body.image], "image")
+        out = await self._lm(None).classify_image.remote(body)
+        return {**out, "task": task}
+
     async def generate(self, body: GenerateRequest, request: Request) -> dict[str, Any]:
         self._check_length(prompt=body.prompt)
         self._max_new(body.max_new_tokens)
         self._lm(None)  # a 404 first when there is no LM at all
-        if body.image is not None:  # the header is checked before the decode, and both run off the event loop
-            await asyncio.to_thread(check_image, body.image, max_chars=self.cfg.max_input_chars * 10,
-                                    max_pixels=self.cfg.max_image_pixels)
-            raise HTTPError(422, "the served model is text-only; images need a multimodal model", "unsupported")
+        if body.image is not None:
+            await self._check_images([body.image], "image")
         adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")
         out = await self._lm(adapter).generate.remote(body)
         return {"text": out.text, "adapter": adapter}
@@ -211,7 +254,10 @@ class GatewayEndpoints:
         if body.stream:
             raise HTTPError(422, "stream=true is not supported; send stream=false", "unsupported")
         for m in body.messages:
-            self._check_length(content=m.content)
+            self._check_length(content=m.text())
+        # data: URLs only (422 otherwise: the server fetches nothing), each image checked
+        images = [data_url_base64(url) for m in body.messages for url in m.image_urls()]
+        await self._check_images(images, "image_url parts")
         adapter = None
         if body.model and body.model != self.cfg.base_name:
             adapter = self._adapter(request, body.model, self.cfg.adapters, "model")
