@@ -584,6 +584,29 @@ def _medmnist_label_names(path: str, label_names: dict[Any, Any] | None) -> dict
         ) from None
 
 
+def _open_npz(path: str) -> Any:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # a single .npy array under an .npz name
+        raise DataError(f"{path}: not an .npz archive (a single array of shape {npz.shape})")
+    return npz
+
+
+def _npz_splits(npz: Any) -> list[str]:
+    in_file = [k.removesuffix("_images") for k in npz.files if k.endswith("_images")]
+    # The MedMNIST splits first, in their natural order; any others after, by name.
+    present = [s for s in MEDMNIST_SPLITS if s in in_file]
+    return present + sorted(s for s in in_file if s not in MEDMNIST_SPLITS)
+
+
+def medmnist_splits(path: str) -> list[str]:
+    """The splits a MedMNIST ``.npz`` holds (``train``, ``val``, ``test`` first), without reading the images."""
+    with _open_npz(path) as npz:
+        return _npz_splits(npz)
+
+
 def read_medmnist(
     path: str,
     errors: RecordErrors,
@@ -602,17 +625,8 @@ def read_medmnist(
     if isinstance(splits, str):
         splits = [splits]
     names = _medmnist_label_names(path, label_names)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):  # a single .npy array under an .npz name
-        raise DataError(f"{path}: not an .npz archive (a single array of shape {npz.shape})")
-    with npz:
-        in_file = [k.removesuffix("_images") for k in npz.files if k.endswith("_images")]
-        # The MedMNIST splits first, in their natural order; any others after, by name.
-        present = [s for s in MEDMNIST_SPLITS if s in in_file]
-        present += sorted(s for s in in_file if s not in MEDMNIST_SPLITS)
+    with _open_npz(path) as npz:
+        present = _npz_splits(npz)
         if not present:
             raise DataError(f"{path}: no '<split>_images' arrays; the file holds {npz.files}")
         wanted = list(splits) if splits is not None else present

@@ -7,7 +7,7 @@ pixels and the same scores offline and online:
 * :class:`Prepared` is an example encoded once (:func:`prepare`): its token ids with the
   image tokens in place, its loss labels, the token ids of its choices, its image bytes;
 * :class:`Pixels` turns image bytes into the tower's input through
-  :func:`ray_med.data.images.preprocess`, memoised per item;
+  :func:`ray_med.data.images.preprocess`, memoised by content;
 * :func:`collate` right-pads a batch and stacks the pixels of the items that have an
   image, in order (LLaVA fills the image tokens from them in that order);
 * :func:`choice_probs` reads the next-token distribution after the prompt, restricted to
@@ -18,6 +18,7 @@ pixels and the same scores offline and online:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,19 +73,27 @@ def prepare(tokenizer: Any, ex: Example, geo: ModelGeometry, max_length: int, *,
 
 
 class Pixels:
-    """Image bytes -> the tower's (3, S, S) tensor, memoised by key (at most ``capacity`` kept)."""
+    """Image bytes -> the tower's (3, S, S) tensor, memoised by a hash of the bytes, up to ``max_bytes`` of tensors.
 
-    def __init__(self, spec: ImageSpec, capacity: int = 50_000) -> None:
-        self.spec, self.capacity = spec, capacity
-        self._memo: dict[Any, torch.Tensor] = {}
+    Keyed by content, not by item id: two files (or a training and an evaluation split)
+    may reuse ids, and a memo keyed by id would hand one item another's pixels. The bound
+    is in bytes (a 224 px tensor is 600 KB), per process.
+    """
 
-    def __call__(self, key: Any, image: bytes) -> torch.Tensor:
-        hit = self._memo.get(key) if key is not None else None
+    def __init__(self, spec: ImageSpec, max_bytes: int = 2 * 1024**3) -> None:
+        self.spec, self.max_bytes, self.used = spec, max_bytes, 0
+        self._memo: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, image: bytes) -> torch.Tensor:
+        key = hashlib.blake2b(image, digest_size=16).digest()
+        hit = self._memo.get(key)
         if hit is not None:
             return hit
         t = torch.from_numpy(preprocess(image, self.spec))
-        if key is not None and len(self._memo) < self.capacity:
+        size = t.numel() * t.element_size()
+        if self.used + size <= self.max_bytes:
             self._memo[key] = t
+            self.used += size
         return t
 
 
@@ -101,7 +110,7 @@ def collate(batch: Sequence[Prepared], pixels: Pixels, pad_id: int, *, prompt_on
         mask[i, : len(s)] = 1
         if not prompt_only:
             labels[i, : len(s)] = torch.tensor(p.labels)
-    images = [pixels((p.task, p.id), p.image) for p in batch
+    images = [pixels(p.image) for p in batch
               if p.image is not None]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels,
             "pixel_values": torch.stack(images).to(dtype) if images else None,
@@ -184,7 +193,7 @@ def generate_texts(model: Any, tokenizer: Any, items: Sequence[Prepared], pixels
             ids[j, width - len(s):] = torch.tensor(s)
             mask[j, width - len(s):] = 1
         kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        images = [pixels((p.task, p.id), p.image) for p in chunk if p.image is not None]
+        images = [pixels(p.image) for p in chunk if p.image is not None]
         if images:
             kwargs["pixel_values"] = torch.stack(images).to(device, dtype)
         if temperature > 0:

@@ -10,16 +10,29 @@ the metrics are the last stdout line, as one JSON object.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from ray_med.data import read_records
-from ray_med.data.readers import reader_options
+from ray_med.data.readers import medmnist_splits, reader_options
 from ray_med.errors import DataError
 from ray_med.evaluation.config import EvalOutputs, MultimodalEvalConfig
 from ray_med.evaluation.multimodal import ModelGeometry, score_task
 from ray_med.models.vlm import add_image_token, load_vlm
 from ray_med.tasks import get_multimodal_task
 from ray_med.tasks.instructions import make_example
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities as null: the last line must be JSON (an AUROC is undefined on one class)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def multimodal_task(cfg: MultimodalEvalConfig) -> EvalOutputs:
@@ -32,6 +45,10 @@ def multimodal_task(cfg: MultimodalEvalConfig) -> EvalOutputs:
         if "splits" not in reader_options(cfg.format):
             raise DataError(f"--split applies to files with splits (medmnist), not the {cfg.format} reader")
         options["splits"] = [cfg.split]
+    elif cfg.format == "medmnist":
+        splits = medmnist_splits(cfg.data)
+        if len(splits) > 1:  # scoring all of them would mix training items into the numbers
+            raise DataError(f"{cfg.data} holds the splits {splits}: pick the one to score with --split")
     records = read_records(cfg.format, cfg.data, options=options or None).records
     if cfg.limit is not None:
         records = records[: cfg.limit]
@@ -55,5 +72,5 @@ def multimodal_task(cfg: MultimodalEvalConfig) -> EvalOutputs:
         lo, hi = metrics["auroc_macro_ci"]
         print(f"{task.name}: macro AUROC {metrics['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}], macro F1 "
               f"{metrics['f1_macro']:.4f}, accuracy {metrics['accuracy']:.4f} on {metrics['n']} items")
-    print(json.dumps(metrics, default=float))
+    print(json.dumps(_finite(metrics), default=float))
     return EvalOutputs(metrics=metrics)

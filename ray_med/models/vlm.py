@@ -117,9 +117,12 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def image_tokens(config: Any) -> int:
     """N, the image tokens one image becomes (SigLIP: every patch)."""
-    v = config.vision_config
+    return _n_tokens(config.vision_config, getattr(config, "vision_feature_select_strategy", "full"))
+
+
+def _n_tokens(v: Any, strategy: str) -> int:
     n = (v.image_size // v.patch_size) ** 2
-    if getattr(config, "vision_feature_select_strategy", "full") == "full" and v.model_type == "clip_vision_model":
+    if strategy == "full" and v.model_type == "clip_vision_model":
         n += 1  # CLIP's CLS token, kept by the "full" strategy
     return n
 
@@ -178,14 +181,18 @@ def build_vlm(cfg: VLMConfig, tokenizer: PreTrainedTokenizerBase, *, device: str
             lm.resize_token_embeddings(len(tokenizer))  # the new <image> row (never looked up: it is replaced)
         vision_cfg, tower = _vision_model(cfg.vision, dtype)
         config = LlavaConfig(vision_config=vision_cfg, text_config=lm.config, image_token_index=image_id,
-                             image_seq_length=(vision_cfg.image_size // vision_cfg.patch_size) ** 2,
+                             image_seq_length=_n_tokens(vision_cfg, "full"),
                              vision_feature_select_strategy="full", vision_feature_layer=-1,
                              projector_hidden_act="gelu", tie_word_embeddings=lm.config.tie_word_embeddings)
         model = LlavaForConditionalGeneration(config).to(dtype or torch.float32)
         model.model.language_model.load_state_dict(lm.model.state_dict())
         model.lm_head.load_state_dict(lm.lm_head.state_dict())
         if tower is not None:
-            model.model.vision_tower.load_state_dict(tower.state_dict(), strict=False)
+            try:
+                model.model.vision_tower.load_state_dict(tower.state_dict())
+            except RuntimeError as exc:  # a tower whose weights do not fit: never train a random one by mistake
+                raise ModelError(f"model.vision {cfg.vision}: its weights do not fit the tower "
+                                 f"({str(exc).splitlines()[0]})") from None
         return model.to(device)
     assert cfg.preset is not None
     config = preset_config(cfg.preset, vocab_size=len(tokenizer))
@@ -241,7 +248,8 @@ def make_processor(tokenizer: PreTrainedTokenizerBase, config: Any) -> Any:
                                  do_convert_rgb=True)
     return LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
                           vision_feature_select_strategy=config.vision_feature_select_strategy,
-                          num_additional_image_tokens=0, image_token=IMAGE_TOKEN)
+                          num_additional_image_tokens=image_tokens(config) - _n_tokens(config.vision_config, "default"),
+                          image_token=IMAGE_TOKEN)
 
 
 def save_vlm(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

@@ -228,9 +228,8 @@ class VLMEngine:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def pixels(self) -> Pixels:
-        # Every request's example is called "request": memoising by (task, id) would hand one
-        # request's image to the next, so nothing is kept.
-        return Pixels(self.geo.spec, capacity=0)
+        # Requests rarely repeat an image: nothing is kept.
+        return Pixels(self.geo.spec, max_bytes=0)
 
     def encode(self, prompt: str, image: bytes | None, *, max_new_tokens: int = 0,
                choices: list[str] | None = None) -> Prepared:

@@ -155,6 +155,20 @@ def make_example(task: Task, record: Record, *, exemplar: bool = True) -> Exampl
                    image=record.image if ins.image else None, task=task.name)
 
 
+def answer_ids(tokenizer: Any, answer: str) -> list[int]:
+    """The ids the model writes for ``answer`` right after the answer cue ``A:``.
+
+    Tokenized in context (``"A: <answer>"`` minus ``"A:"``), not alone: SentencePiece
+    tokenizers (Llama-2's) turn a lone ``" B"`` into ``["▁", "▁B"]`` but write ``"▁B"`` after
+    the cue, which is the token top-token scoring reads
+    (:func:`ray_med.evaluation.qa.choice_token_ids`); byte-level BPE gives ``"ĠB"`` either way.
+    """
+    cue = tokenizer("A:", add_special_tokens=False)["input_ids"]
+    full = tokenizer(f"A: {answer}", add_special_tokens=False)["input_ids"]
+    k = next((i for i, (a, b) in enumerate(zip(cue, full, strict=False)) if a != b), len(cue))
+    return full[k:]
+
+
 @dataclass
 class Encoded:
     """Token ids of one example: the prompt (image placeholder expanded) and the target, and the loss labels."""
@@ -190,9 +204,11 @@ def encode_example(tokenizer: Any, ex: Example, *, image_token_id: int, n_image_
     if with_target:
         if not ex.target:
             raise DataError(f"{ex.task or 'prompt'} {ex.id}: has no answer to train or score on")
-        target = tokenizer(" " + ex.target, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            target = target + [tokenizer.eos_token_id]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        target = answer_ids(tokenizer, ex.target)
+        if len(target) + len(eos) > max_length // 2:  # a long report: keep its start, and the end of text
+            target = target[: max(1, max_length // 2 - len(eos))]
+        target = target + eos
     room = max_length - len(target)
     if len(prompt) > room:
         # Keep the instruction's start and the question's end: cut the middle (the exemplar

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray.train.torch
 import torch
 from ray.train.torch import prepare_model
 
@@ -39,7 +40,13 @@ from ray_med.models.vlm import add_image_token, build_vlm, is_vlm_folder, save_v
 from ray_med.runtime import RunContext, Storage, init_ray, localize, ray_get, seed_everything
 from ray_med.tasks import get_multimodal_task
 from ray_med.tasks.instructions import Example, make_example
-from ray_med.training.multimodal_config import EvalSource, MultimodalConfig, MultimodalOutputs, TaskSource
+from ray_med.training.multimodal_config import (
+    EvalSource,
+    MultimodalConfig,
+    MultimodalOutputs,
+    TaskSource,
+    source_options,
+)
 from ray_med.training.trainer import build_trainer, fit, threads_per_worker
 from ray_med.training.vlm import split_dev, train_vlm
 from ray_med.training.worker import RayCheckpoints, reduce_mean, say, test_fault, worker_info
@@ -53,11 +60,11 @@ def _path(cfg: MultimodalConfig, path: str) -> str:
     return resolve_path(path)
 
 
-def read_examples(src: TaskSource | EvalSource, path: str, seed: int) -> list[Example]:
-    """The examples of one task file (a seeded sample of ``limit`` items when set)."""
+def read_examples(src: TaskSource | EvalSource, path: str, seed: int, split: str) -> list[Example]:
+    """The examples of one task file (its ``split`` by default; a seeded sample of ``limit`` items when set)."""
     task = get_multimodal_task(src.task)
     records = read_records(src.reader or task.reader, localize(path, what="data file", error=DataError),
-                           options=dict(src.options) or None).records
+                           options=source_options(src, split) or None).records
     if src.limit is not None and src.limit < len(records):
         keep = sorted(np.random.default_rng(seed).choice(len(records), src.limit, replace=False).tolist())
         records = [records[i] for i in keep]
@@ -72,12 +79,12 @@ def prepare_data(cfg: MultimodalConfig, out_uri: str) -> tuple[dict[str, Any], d
     train: dict[str, list[Example]] = {}
     dev: dict[str, list[Example]] = {}
     for src in cfg.tasks:
-        examples = read_examples(src, _path(cfg, src.path), seed)
+        examples = read_examples(src, _path(cfg, src.path), seed, "train")
         labels = [e.gold for e in examples] if examples[0].gold is not None else None
-        tr, dv = split_dev(examples, labels, cfg.train.dev_fraction, seed)
+        tr, dv = split_dev(examples, labels, cfg.train.dev_fraction, seed, cfg.train.dev_max_items)
         train[src.task] = [examples[i] for i in tr]
-        dev[src.task] = [examples[i] for i in dv][: cfg.train.dev_max_items]
-    evals = {src.task: read_examples(src, _path(cfg, src.path), seed) for src in cfg.eval}
+        dev[src.task] = [examples[i] for i in dv]
+    evals = {src.task: read_examples(src, _path(cfg, src.path), seed, "val") for src in cfg.eval}
     tokenizer_dir = None
     if not cfg.model.path and not cfg.model.language_model:
         # A preset has no tokenizer: train one on the text the model will read.
@@ -125,7 +132,7 @@ def multimodal_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         model_cfg = type(model_cfg)(**{**model_cfg.__dict__, "path": localize(model_cfg.path)})
     if model_cfg.language_model:
         model_cfg = type(model_cfg)(**{**model_cfg.__dict__, "language_model": localize(model_cfg.language_model)})
-    base = build_vlm(model_cfg, tokenizer)
+    base = build_vlm(model_cfg, tokenizer).to(ray.train.torch.get_device())  # this worker's GPU, or the CPU
     geo = ModelGeometry.of(base.config)
     model = set_phase(base, cfg.model.phase, cfg.model.lora)
     trainable, total = count_parameters(model, trainable_only=True), count_parameters(model)
@@ -165,7 +172,8 @@ def multimodal_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     for src in cfg.eval:
         task = get_multimodal_task(src.task)
         m, preds = score_task(model, tokenizer, task, data["eval"][src.task], geo, max_length=t_max,
-                              bootstrap=cfg.bootstrap, seed=cfg.run.seed, pixels=pixels)
+                              bootstrap=cfg.bootstrap, seed=cfg.run.seed, pixels=pixels,
+                              max_new_tokens=src.max_new_tokens)
         metrics["eval"][src.task] = m
         out.write_text(f"predictions_{src.task}.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
     with out.local_dir("model") as folder:

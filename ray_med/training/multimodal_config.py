@@ -22,8 +22,8 @@ class TaskSource:
     """Its data file, relative to data_root unless absolute."""
     reader: str | None = None
     """Reader format (default: the task's)."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """Reader options, e.g. {splits: [train]} for a MedMNIST file."""
+    options: dict[str, Any] | None = None
+    """Reader options; null: {splits: [train]} for a reader with splits (MedMNIST), else none."""
     limit: int | None = None
     """Use at most this many items (a seeded sample)."""
     ratio: float | None = None
@@ -39,8 +39,11 @@ class EvalSource:
     task: str = "pneumonia"
     path: str = "pneumoniamnist/pneumoniamnist_trainval.npz"
     reader: str | None = None
-    options: dict[str, Any] = field(default_factory=lambda: {"splits": ["val"]})
+    options: dict[str, Any] | None = None
+    """Reader options; null: {splits: [val]} for a reader with splits (MedMNIST), else none."""
     limit: int | None = None
+    max_new_tokens: int = 128
+    """Tokens generated per item (generation tasks: VQA, reports)."""
 
 
 @dataclass
@@ -123,8 +126,46 @@ class MultimodalConfig:
         ratios = [t.ratio for t in self.tasks]
         if any(r is not None for r in ratios) and any(r is None for r in ratios):
             raise ConfigError("tasks: give a ratio to every task or to none (none: proportional to size)")
+        if any(r is not None for r in ratios) and any(t.upsample != 1.0 for t in self.tasks):
+            raise ConfigError("tasks: upsample applies to proportional ratios; with explicit ratios set the ratio")
+        for t in self.tasks:
+            if (t.ratio is not None and not t.ratio >= 0) or not t.upsample > 0:
+                raise ConfigError(f"tasks: {t.task} needs ratio >= 0 and upsample > 0 (got {t.ratio}, {t.upsample})")
+        evals = [e.task for e in self.eval]
+        if len(set(evals)) != len(evals):
+            raise ConfigError(f"eval: each task once (got {evals}); its predictions file is named after the task")
+        for e in self.eval:
+            for t in self.tasks:
+                eo, to = source_options(e, "val"), source_options(t, "train")
+                if e.path == t.path and _splits_overlap(to, eo):
+                    raise ConfigError(f"eval: {e.task} scores {e.path} {_splits(eo)}, which tasks trains on "
+                                      f"({_splits(to)}): held-out numbers must come from items never trained "
+                                      "on; give each its own split (options: {splits: [...]})")
         if not 0.0 < self.train.dev_fraction < 1.0:
             raise ConfigError(f"train.dev_fraction must be in (0, 1), got {self.train.dev_fraction}")
+
+
+def source_options(src: TaskSource | EvalSource, default_split: str) -> dict[str, Any]:
+    """A source's reader options, with its default split filled in for readers that have splits."""
+    if src.options is not None:
+        return dict(src.options)
+    # lazy: the readers (numpy, pyarrow) load when a multimodal config is checked, not for every job's
+    from ray_med.data.readers import reader_options
+    from ray_med.tasks.registry import get_multimodal_task  # lazy: as above
+
+    reader = src.reader or get_multimodal_task(src.task).reader
+    return {"splits": [default_split]} if "splits" in reader_options(reader) else {}
+
+
+def _splits(options: dict[str, Any]) -> str:
+    return f"splits {list(options['splits'])}" if options.get("splits") else "(every split)"
+
+
+def _splits_overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    sa, sb = a.get("splits"), b.get("splits")
+    if not sa or not sb:  # a reader without splits, or every split of the file
+        return True
+    return bool(set([sa] if isinstance(sa, str) else sa) & set([sb] if isinstance(sb, str) else sb))
 
 
 @dataclass

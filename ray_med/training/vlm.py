@@ -102,6 +102,11 @@ def train_vlm(
     def step(batch: list[Prepared], boundary: bool) -> StepResult:
         b = collate(batch, pixels, pad_id, dtype=dtype)
         loss = compute_loss(b)
+        if not loss.requires_grad:
+            # Phase projector on a batch without images: nothing trainable was used. A zero
+            # that touches every trainable weight gives them zero gradients, so the step (and
+            # DDP's all-reduce, which every rank must join) still happens.
+            loss = loss + 0.0 * sum(p.sum() for p in params.values())
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         lr = sched.get_last_lr()[0]
@@ -171,11 +176,16 @@ def train_vlm(
             "stopped_early": state.stopped_early, "steps_per_epoch": steps_per_epoch}
 
 
-def split_dev(items: Sequence[Any], labels: Sequence[Any] | None, fraction: float, seed: int) -> tuple[list[int],
-                                                                                                     list[int]]:
-    """(train, dev) indices: a seeded share of the items, stratified by label when there are labels."""
+def split_dev(items: Sequence[Any], labels: Sequence[Any] | None, fraction: float, seed: int,
+              max_items: int | None = None) -> tuple[list[int], list[int]]:
+    """(train, dev) indices: a seeded share of the items (at most ``max_items``), stratified by label if any.
+
+    Items not taken for dev stay in training.
+    """
     rng = np.random.default_rng(seed)
     n = len(items)
+    if max_items is not None and n:
+        fraction = min(fraction, max_items / n)
     if labels is None:
         order = rng.permutation(n)
         k = max(1, round(n * fraction)) if n > 1 else 0

@@ -83,3 +83,16 @@ def test_bad_input_is_one_line_and_exit_2(shared_data, tmp_path, capsys) -> None
         assert _job("multimodal")(_args(shared_data, tmp_path, "bad", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_evaluate_refuses_to_score_a_file_of_several_splits_without_split(shared_data, tmp_path, capsys) -> None:
+    npz = str(shared_data / "pneumoniamnist/pneumoniamnist_trainval.npz")
+    for extra, message in [
+        ([], "holds the splits ['train', 'val']: pick the one to score with --split"),
+        (["--split", "test"], "split 'test' not in the file"),
+        (["--task", "pneumona"], "Did you mean 'pneumonia'?"),
+    ]:
+        args = ["multimodal", "--model", str(tmp_path), "--task", "pneumonia", "--format", "medmnist", "--data", npz]
+        assert _job("evaluate")(args + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "\n".join(err)
