@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +25,7 @@ from ray_med.evaluation.metrics import classification_metrics
 from ray_med.tasks.classification import TaskData, class_weights
 from ray_med.training.config import ClassifyTrainConfig
 from ray_med.training.loop import Checkpointer, LoopSettings, StepResult, run_loop
-
-TRAINABLE_FILE = "trainable.pt"
+from ray_med.training.trainable import TrainableState
 
 
 def _loss_fn(cfg: ClassifyTrainConfig, task_type: str, y: np.ndarray, k: int) -> Callable[..., torch.Tensor]:
@@ -80,7 +78,6 @@ def train_classifier(
     runner = wrap(model) if wrap is not None else model
     y_train = torch.tensor(train.y)  # a copy: the labels may arrive read-only from the object store
     bce = task_type == "multilabel" or cfg.loss == "bce"
-    best: dict[str, torch.Tensor] = {}
 
     def step(idx: torch.Tensor, boundary: bool) -> StepResult:
         mask = train_inputs["attention_mask"][idx]
@@ -113,29 +110,7 @@ def train_classifier(
         metrics = classification_metrics(dev.y, scores, task_type, ordinal=ordinal, n_bootstrap=0)
         return {"dev_auroc": metrics["auroc_macro"], "dev_accuracy": metrics["accuracy"]}
 
-    def snapshot() -> None:
-        best.clear()
-        best.update({n_: p.detach().clone() for n_, p in params.items()})
-
-    def restore() -> None:
-        with torch.no_grad():
-            for n_, p in params.items():
-                p.copy_(best[n_])
-
-    def write(folder: Path) -> None:
-        if rank == 0:
-            torch.save({"params": {n_: p.detach().cpu() for n_, p in params.items()}, "best": best,
-                        "opt": opt.state_dict(), "sched": sched.state_dict()}, folder / TRAINABLE_FILE)
-
-    def read(folder: Path) -> None:
-        saved = torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n_, p in params.items():
-                p.copy_(saved["params"][n_])
-        best.clear()
-        best.update(saved["best"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
+    weights = TrainableState(params, opt, sched, rank=rank, keep_best=True)
 
     settings = LoopSettings(
         name=name, epochs=cfg.epochs, log_every=cfg.log_every, per_epoch=True, monitor="dev_auroc",
@@ -150,9 +125,9 @@ def train_classifier(
     runner.train()
     state = run_loop(
         settings, step=step, batches=batches, evaluate=evaluate, report=publish,
-        save=checkpoints.saver(write) if checkpoints is not None else None,
-        load=checkpoints.loader(read) if checkpoints is not None else (lambda: None),
-        reduce_mean=reduce_mean, on_best=snapshot, restore_best=restore, log=log, on_step=on_step,
+        save=checkpoints.saver(weights.write) if checkpoints is not None else None,
+        load=checkpoints.loader(weights.read) if checkpoints is not None else (lambda: None),
+        reduce_mean=reduce_mean, on_best=weights.snapshot, restore_best=weights.restore, log=log, on_step=on_step,
     )
     epochs = [r for r in state.history if "train_loss" in r]
     return {"history": epochs, "best_epoch": state.best_epoch, "best_dev_auroc": state.best}

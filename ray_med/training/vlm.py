@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,7 @@ from ray_med.evaluation.metrics import classification_metrics
 from ray_med.evaluation.multimodal import Pixels, Prepared, choice_probs, collate, loss_fn, mean_loss
 from ray_med.training.loop import Checkpointer, LoopSettings, StepResult, run_loop
 from ray_med.training.multimodal_config import MultimodalTrainSettings
-
-TRAINABLE_FILE = "trainable.pt"
+from ray_med.training.trainable import TrainableState
 
 
 def dev_metrics(model: torch.nn.Module, dev: dict[str, list[Prepared]], pixels: Pixels, pad_id: int,
@@ -95,7 +93,6 @@ def train_vlm(
     runner = wrap(model) if wrap is not None else model
     compute_loss = loss_fn(runner)
     dtype = next(model.parameters()).dtype
-    best: dict[str, torch.Tensor] = {}
     monitor = cfg.monitor or ("dev_auroc" if any(items and items[0].choice_ids is not None
                                                  for items in dev.values()) else "neg_dev_loss")
 
@@ -124,31 +121,7 @@ def train_vlm(
     def evaluate() -> dict[str, float]:
         return dev_metrics(model, dev, pixels, pad_id, cfg.batch_size)
 
-    def snapshot() -> None:
-        if cfg.keep_best:
-            best.clear()
-            best.update({n_: p.detach().clone() for n_, p in params.items()})
-
-    def restore() -> None:
-        if best:
-            with torch.no_grad():
-                for n_, p in params.items():
-                    p.copy_(best[n_])
-
-    def write(folder: Path) -> None:
-        if rank == 0:
-            torch.save({"params": {n_: p.detach().cpu() for n_, p in params.items()}, "best": best,
-                        "opt": opt.state_dict(), "sched": sched.state_dict()}, folder / TRAINABLE_FILE)
-
-    def read(folder: Path) -> None:
-        saved = torch.load(folder / TRAINABLE_FILE, map_location="cpu", weights_only=True)
-        with torch.no_grad():
-            for n_, p in params.items():
-                p.copy_(saved["params"][n_])
-        best.clear()
-        best.update(saved["best"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
+    weights = TrainableState(params, opt, sched, rank=rank, keep_best=cfg.keep_best)
 
     eval_every = cfg.eval_every
     if cfg.max_steps and not eval_every and cfg.max_steps <= steps_per_epoch:
@@ -167,9 +140,9 @@ def train_vlm(
     kwargs = {"clock": clock} if clock is not None else {}
     state = run_loop(
         settings, step=step, batches=batches, evaluate=evaluate, report=publish,
-        save=checkpoints.saver(write) if checkpoints is not None else None,
-        load=checkpoints.loader(read) if checkpoints is not None else (lambda: None),
-        reduce_mean=reduce_mean, on_best=snapshot, restore_best=restore, log=log, on_step=on_step, **kwargs,
+        save=checkpoints.saver(weights.write) if checkpoints is not None else None,
+        load=checkpoints.loader(weights.read) if checkpoints is not None else (lambda: None),
+        reduce_mean=reduce_mean, on_best=weights.snapshot, restore_best=weights.restore, log=log, on_step=on_step, **kwargs,
     )
     return {"history": state.history, "best_dev": state.best, "best_step": state.best_step,
             "best_epoch": state.best_epoch, "monitor": monitor, "steps": state.step,
