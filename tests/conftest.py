@@ -38,6 +38,23 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_stage_overrides() -> list[str]:
+    """The demo pipeline's stage overrides that shrink every training stage to a few steps.
+
+    The training stages run in Ray Train's local mode (in the calling process): the
+    pipeline tests are about the pipeline; worker groups are the job tests' business.
+    """
+    return [
+        "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.micro_batch_size=4, "
+        "eval.max_sequences=4, checkpoint.every_steps=4, scaling.num_workers=0]",
+        "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4, scaling.num_workers=0]",
+        "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50, scaling.num_workers=0]",
+        "multimodal.overrides=[tasks.0.limit=64, tasks.1.limit=16, train.max_steps=2, train.batch_size=8, "
+        "train.max_length=160, eval.0.limit=40, bootstrap=50, scaling.num_workers=0]",
+    ]
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests that start their own cluster (`submit`) run first, before the shared local Ray
     exists: on 2 cores the shared cluster's processes would otherwise slow them down."""

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from pydantic import ValidationError
 from ray import serve
@@ -68,6 +69,10 @@ def write_serve_config(config: dict[str, Any], path: str | Path) -> Path:
     return p
 
 
+_embedded_serve: dict[str, int] = {}
+"""The HTTP port Serve listens on, by the GCS address of the embedded Ray this process started it on."""
+
+
 @contextlib.contextmanager
 def running(config: dict[str, Any], *, port: int | None = None) -> Iterator[str]:
     """Run a Serve config's first application on the connected Ray; yield its base URL, then stop it.
@@ -80,11 +85,21 @@ def running(config: dict[str, Any], *, port: int | None = None) -> Iterator[str]
     app_cfg = config["applications"][0]
     http = dict(config.get("http_options") or {})
     http["host"] = "127.0.0.1"
-    http["port"] = port or free_port()
+    gcs = ray.get_runtime_context().gcs_address if embedded_ray() else None
+    if gcs in _embedded_serve:
+        # Serve is still up on this process's Ray (only the app was deleted) and keeps the
+        # port it started with: serve.start ignores new HTTP options (a pipeline serves twice).
+        if port and port != _embedded_serve[gcs]:
+            print(f"serve: already listening on port {_embedded_serve[gcs]} in this process; port {port} is ignored")
+        http["port"] = _embedded_serve[gcs]
+    else:
+        http["port"] = port or free_port()
     logging_config = config.get("logging_config") or {}
     if "log_level" in logging_config:
         logging.getLogger("ray.serve").setLevel(logging_config["log_level"])
     serve.start(http_options=http, logging_config=logging_config or None)
+    if gcs:
+        _embedded_serve[gcs] = http["port"]
     name = app_cfg.get("name", "ray_med")
     try:
         serve.run(build_app(app_cfg.get("args", {})), name=name, route_prefix=app_cfg.get("route_prefix", "/"),

@@ -28,18 +28,12 @@ def _attempts(run_dir: Path) -> int:
     return len(json.loads((run_dir / "run.json").read_text())["attempts"])
 
 
-def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tmp_path, capsys) -> None:
+def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tiny_stage_overrides, tmp_path,
+                                                    capsys) -> None:
     args = [
         "--config", str(REPO / "jobs/configs/pipeline/tiny.yaml"),
         f"run.storage={tmp_path}", f"corpus.root={shared_data}", "tokenizer.vocab_size=1024",
-        # The training stages run in Ray Train's local mode (in this process): this test is
-        # about the pipeline; worker groups are the job tests' business.
-        "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.micro_batch_size=4, "
-        "eval.max_sequences=4, checkpoint.every_steps=4, scaling.num_workers=0]",
-        "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4, scaling.num_workers=0]",
-        "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50, scaling.num_workers=0]",
-        "multimodal.overrides=[tasks.0.limit=64, tasks.1.limit=16, train.max_steps=2, train.batch_size=8, "
-        "train.max_length=160, eval.0.limit=40, bootstrap=50, scaling.num_workers=0]",
+        *tiny_stage_overrides,
     ]
     code = _pipeline_main()(args)
     out = capsys.readouterr().out
