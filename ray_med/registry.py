@@ -27,6 +27,7 @@ from ray_med.evaluation.config import (
     PerplexityEvalConfig,
     QAEvalConfig,
 )
+from ray_med.federated.config import FederatedConfig, FederatedEvalConfig, FederatedOutputs
 from ray_med.pipeline.config import PipelineConfig, PipelineOutputs
 from ray_med.runs import RunsConfig, RunsOutputs
 from ray_med.runtime import RunContext, start_run
@@ -89,6 +90,11 @@ _MULTIMODAL_FLAGS = {
     "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--max-length": "max_length",
 }
 
+_FEDERATED_FLAGS = {
+    "--model": "model", "--data": "data", "--format": "format", "--task": "task", "--modality": "modality",
+    "--split": "split", "--bootstrap": "bootstrap", "--seed": "seed",
+}
+
 JOBS: dict[str, JobSpec] = {
     j.name: j
     for j in [
@@ -116,6 +122,12 @@ JOBS: dict[str, JobSpec] = {
         JobSpec("evaluate.multimodal", MultimodalEvalConfig, "ray_med.evaluation.multimodal_eval:multimodal_task",
                 EvalOutputs, "A multimodal model on one task's file: AUROC/F1 (choice), BLEU/F1 (VQA), ROUGE-L (reports).",
                 run_folder=False, aliases=_MULTIMODAL_FLAGS),
+        JobSpec("federated", FederatedConfig, "ray_med.federated.job:run_federated", FederatedOutputs,
+                "Federated hospitals: clients as Ray actors, FedAvg/FedProx/FedAdam, DP, secure aggregation.",
+                default_config="jobs/configs/federated/tiny_pneumonia_fedavg.yaml"),
+        JobSpec("evaluate.federated", FederatedEvalConfig, "ray_med.federated.evaluate:federated_task", EvalOutputs,
+                "A federated global encoder + head on a task's file: macro AUROC (with CI), F1, accuracy.",
+                run_folder=False, aliases=_FEDERATED_FLAGS),
         JobSpec("peft_report", PeftReportConfig, "ray_med.adapters.report:run_peft_report", PeftReportOutputs,
                 "Trainable parameters and their fraction for each PEFT method and setting.",
                 default_config="jobs/configs/peft_report/llama2_7b_table2.yaml", run_folder=False),

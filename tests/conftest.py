@@ -52,6 +52,7 @@ def tiny_stage_overrides() -> list[str]:
         "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50, scaling.num_workers=0]",
         "multimodal.overrides=[tasks.0.limit=64, tasks.1.limit=16, train.max_steps=2, train.batch_size=8, "
         "train.max_length=160, eval.0.limit=40, bootstrap=50, scaling.num_workers=0]",
+        "federated.overrides=[rounds=2, bootstrap=50]",
     ]
 
 

@@ -34,9 +34,10 @@ ALLOWED: dict[str, set[str]] = {
     "corpus": BASE | {"runtime", "models", "data"},
     "training": BASE | {"runtime", "corpus"} | CORE,
     "serving": BASE | {"runtime"} | CORE,
+    "federated": BASE | {"runtime", "training"} | CORE,  # training: the shared loop runs each client's epochs
     # The application: the job table, the command line, the pipeline of jobs.
-    "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "pipeline"} | CORE,
-    "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving"} | CORE,
+    "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "federated", "pipeline"} | CORE,
+    "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving", "federated"} | CORE,
     "cli": BASE | {"runtime", "registry"},
 }
 # The only modules that import Ray (at module level); DeepSpeed only in the pretraining worker.
@@ -44,6 +45,7 @@ RAY_EDGES = {
     "corpus.build", "training.pretrain", "training.pretrain_worker", "training.downstream_worker",
     "training.worker", "training.trainer", "training.multimodal", "serving.app", "serving.deploy", "serving.deployments.replica",
     "serving.deployments.lm", "serving.deployments.classifier", "serving.deployments.gateway",
+    "federated.executor", "federated.server",
 }
 DEEPSPEED = {"training.pretrain_worker"}
 
@@ -169,6 +171,14 @@ def test_importing_the_core_and_the_job_table_loads_no_ray_and_no_torch_for_the_
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_federated_maths_is_ray_free() -> None:
+    """Strategies, partitions, DP, masks, models, data and the client's training never import Ray."""
+    pure = ["partition", "strategies", "privacy", "secagg", "models", "data", "client", "config", "evaluate"]
+    offenders = {m: sorted({i.split(".")[0] for i, _, _ in imports_of(PKG / "federated" / f"{m}.py")} & {"ray"})
+                 for m in pure}
+    assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_serving_core_is_ray_free() -> None:

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_med.data.images import encode_record_image, is_dicom_file, read_dicom_header
+from ray_med.data.numeric import read_breast_cancer_csv, read_mitbih_csv
 from ray_med.data.policy import OnError, RecordErrors
 from ray_med.data.records import ARROW_SCHEMA, Record, encode_png
 from ray_med.errors import DataError
@@ -996,6 +997,8 @@ READERS: dict[str, ReaderFn] = {
     "dicom": read_dicom_files,
     "vqa_json": read_vqa_json,
     "report_json": read_report_json,
+    "breast_cancer_csv": read_breast_cancer_csv,
+    "mitbih_csv": read_mitbih_csv,
 }
 
 

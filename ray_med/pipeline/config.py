@@ -51,6 +51,11 @@ class PipelineConfig:
     PubMedQA; held-out macro AUROC with its CI."""
     serve_vlm: StageConfig = field(default_factory=lambda: StageConfig(config="jobs/configs/serve_check/tiny_vlm.yaml"))
     """Serve the multimodal model and send it a real chest X-ray (needs multimodal)."""
+    federated: StageConfig = field(
+        default_factory=lambda: StageConfig(config="jobs/configs/federated/tiny_pneumonia_fedavg.yaml",
+                                            overrides=["rounds=5"])
+    )
+    """Federated hospitals: 5 clients as Ray actors, FedAvg on PneumoniaMNIST under label skew; per-round table."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any
 
 from ray_med.corpus.config import CorpusOutputs
 from ray_med.corpus.report import print_corpus
+from ray_med.federated.config import FederatedOutputs
 from ray_med.serving.client import print_serve_check
 from ray_med.serving.config import ServeCheckOutputs
 from ray_med.training.config import FinetuneOutputs, PretrainOutputs
@@ -74,6 +75,19 @@ def show_multimodal(out: MultimodalOutputs, cached: bool) -> None:
             lo, hi = e["auroc_macro_ci"]
             lines.append(f"| {task} | {e['n']} | {e['auroc_macro']:.4f} | [{lo:.4f}, {hi:.4f}] | {e['f1_macro']:.4f} "
                          f"| {e['accuracy']:.4f} |")
+    print("\n".join(lines))
+
+
+def show_federated(out: FederatedOutputs, cached: bool) -> None:
+    lines = ["", "| round | clients | dropped | dev AUROC | round s | client compute s |", "|---|---|---|---|---|---|"]
+    for r in out.rounds:
+        dev = ", ".join(f"{m} {v['auroc_macro']:.3f}" for m, v in (r.get("dev") or {}).items()) or "-"
+        lines.append(f"| {r['round']} | {len(r['participants'])}/{r['sampled']} | {len(r.get('dropped') or {})} | {dev} "
+                     f"| {r.get('round_s', 0):.1f} | {r.get('client_compute_s', 0):.1f} |")
+    for mod, m in out.test.items():
+        lo, hi = m["auroc_macro_ci"]
+        lines.append(f"\n{mod} test: macro AUROC {m['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}] on {m['n']}")
+    lines.append(f"global model: {out.global_dir}/<modality>")
     print("\n".join(lines))
 
 

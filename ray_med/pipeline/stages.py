@@ -83,6 +83,10 @@ def _serve_vlm(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
     return [format_override("args.model", up["multimodal"].model_dir), format_override("data_root", _data_root(cfg))]
 
 
+def _federated(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    return [format_override("data_root", _data_root(cfg))]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", "corpus", "read the corpus sources into Parquet, train the tokenizer (on the documents "
           "pretraining trains on), print the data report", show=show.show_data,
@@ -106,6 +110,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("serve_vlm", "serve_check", "the Serve app on the multimodal model: a real chest X-ray to /v1/generate, "
           "chat and /v1/classify", needs=("multimodal",), uses=("multimodal",), handoff=_serve_vlm,
           show=show.show_serve),
+    Stage("federated", "federated", "federated hospitals: 5 clients on a pool of Ray actors train an X-ray encoder "
+          "under label skew with FedAvg; one line per round, test AUROC with its CI", handoff=_federated,
+          show=show.show_federated, artifacts=lambda out: [f"{out.global_dir}/{mod}" for mod in out.test]),
 )
 
 

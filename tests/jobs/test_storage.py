@@ -288,7 +288,7 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
     # image stages' storage round trip is S3's to show): it keeps the suite's time down.
     image_stages = scheme == "s3"
     if not image_stages:
-        args += ["multimodal.enabled=false", "serve_vlm.enabled=false"]
+        args += ["multimodal.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false"]
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -298,7 +298,7 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
              fs.get_file_info(pafs.FileSelector(prefix, recursive=True)) if i.type == pafs.FileType.File}
     runs = {p.split("/", 1)[0].rsplit("-", 1)[0]: p.split("/", 1)[0] for p in files}
     outputs = [("corpus", "tokenizer"), ("pretrain", "model"), ("finetune-domain", "adapter"), ("finetune", "adapter")]
-    for stage, output in outputs + ([("multimodal", "model")] if image_stages else []):
+    for stage, output in outputs + ([("multimodal", "model"), ("federated", "global/image")] if image_stages else []):
         assert f"{runs[stage]}/{output}/{MARKER}" in files, (stage, sorted(files))
     assert f"{runs['pretrain']}/model/model.safetensors" in files
     assert {f"{runs['finetune']}/metrics.json", f"{runs['finetune']}/predictions.jsonl"} <= files
@@ -316,10 +316,13 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
         assert f"downloaded {root}/{runs['multimodal']}/model to {tmp_path / 'cache'}" in log
         served_vlm = run.stdout.split("== stage: serve_vlm ==")[1]
         assert "gold label" in served_vlm and "task pneumonia: " in served_vlm and "HTTP " not in served_vlm
+        # The federation's round checkpoint and global encoder went to the storage too.
+        assert f"{runs['federated']}/checkpoint/global.safetensors" in files
+        assert f"{runs['federated']}/rounds.json" in files
     else:
-        assert "multimodal" not in runs
+        assert "multimodal" not in runs and "federated" not in runs
 
     # The same command again: every stage's outputs are complete in the storage, so all are reused.
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert again.stdout.count("cached: ") == (7 if image_stages else 5) and "rerun:" not in again.stdout
+    assert again.stdout.count("cached: ") == (8 if image_stages else 5) and "rerun:" not in again.stdout
