@@ -106,6 +106,7 @@ def ours(over: list[str], storage: str) -> dict:
 
 def flower(python: str, data: Path, out: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "VIRTUAL_ENV")}
+    env["PYTHONPATH"] = str(REPO / "bench")  # Flower's workers import the client code by module name
     proc = subprocess.run([python, str(REPO / "bench" / "flower_sim.py"), str(data), str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -113,6 +114,9 @@ def flower(python: str, data: Path, out: Path) -> dict:
     res = json.loads(out.read_text())
     with np.load(str(out).replace(".json", "_weights.npz")) as z:
         res["weights"] = [z[f"arr_{i}"] for i in range(len(z.files))]
+    with np.load(data) as z:  # a run whose clients all failed keeps the initial weights: refuse it
+        if all(np.array_equal(w, z[f"w{j}"]) for j, w in enumerate(res["weights"])):
+            raise SystemExit("Flower run: the weights never changed (its clients failed):\n" + proc.stdout[-3000:])
     return res
 
 

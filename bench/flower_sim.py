@@ -1,6 +1,9 @@
 """The Flower side of bench/federated_vs_flower.py: run in Flower's own environment (flwr[simulation] pins Ray 2.55.1).
 
-    <flower-venv>/bin/python bench/flower_sim.py DATA.npz OUT.json
+    PYTHONPATH=bench <flower-venv>/bin/python bench/flower_sim.py DATA.npz OUT.json
+
+(bench/ on PYTHONPATH: the client code is pickled by reference to this module, which
+Flower's Ray workers must import by name, not as ``__main__``.)
 
 DATA.npz is written by bench/federated_vs_flower.py from ray_med's own plan: each client's
 preprocessed X-rays and labels (``c<i>_x``, ``c<i>_y``), the dev rows, the initial weights
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 
@@ -29,7 +33,7 @@ from flwr.server.strategy import FedAvg
 from flwr.simulation import run_simulation
 from torch import nn
 
-DATA, OUT = sys.argv[1], sys.argv[2]
+DATA = os.environ.get("FLOWER_SIM_DATA", "")
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,7 +123,7 @@ def server_fn(context):
     return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=s["rounds"]))
 
 
-def main() -> None:
+def main(out: str) -> None:
     s = settings()
     t0 = time.perf_counter()
     run_simulation(server_app=ServerApp(server_fn=server_fn),
@@ -128,10 +132,14 @@ def main() -> None:
                    backend_config={"client_resources": {"num_cpus": 1.0}, "init_args": {"num_cpus": s["cpus"]}})
     wall = time.perf_counter() - t0
     rounds = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    np.savez(OUT.replace(".json", "_weights.npz"), *final)
-    with open(OUT, "w") as f:
+    np.savez(out.replace(".json", "_weights.npz"), *final)
+    with open(out, "w") as f:
         json.dump({"round_s": rounds, "wall_s": wall}, f)
 
 
 if __name__ == "__main__":
-    main()
+    os.environ["FLOWER_SIM_DATA"] = sys.argv[1]
+    import flower_sim  # this file again, under its importable name (see the docstring)
+
+    flower_sim.DATA = sys.argv[1]
+    flower_sim.main(sys.argv[2])
