@@ -160,6 +160,12 @@ class FederatedOutputs:
     test: dict[str, dict[str, Any]]
     """Per modality: the final global model's metrics on the federation's test split."""
 
+    def headline(self) -> tuple[str, Any]:
+        """The first modality's test macro AUROC (what the run index lists)."""
+        for mod, m in self.test.items():
+            return f"{mod}_test_auroc", m.get("auroc_macro")
+        return "rounds", len(self.rounds)
+
 
 @dataclass
 class FederatedEvalConfig:

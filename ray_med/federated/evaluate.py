@@ -13,16 +13,20 @@ from ray_med.evaluation.metrics import classification_metrics
 from ray_med.federated.client import predict
 from ray_med.federated.config import FederatedEvalConfig
 from ray_med.federated.data import modality_of_task, to_inputs
-from ray_med.federated.models import load_modality
-from ray_med.runtime import localize
+from ray_med.federated.models import ENCODERS, load_modality
+from ray_med.runtime import is_uri, localize
 from ray_med.tasks import get_task, task_data
 
 
 def _folder(cfg: FederatedEvalConfig) -> Path:
-    root = Path(localize(cfg.model, what="federated global folder"))
+    modality = cfg.modality or modality_of_task(cfg.task)
+    if is_uri(cfg.model):  # remote storage commits each modality folder, not global/ itself
+        last = cfg.model.rstrip("/").rsplit("/", 1)[-1]
+        uri = cfg.model if last in ENCODERS else f"{cfg.model.rstrip('/')}/{modality}"
+        return Path(localize(uri, what="federated modality folder"))
+    root = Path(cfg.model)
     if (root / "config.json").is_file():
         return root
-    modality = cfg.modality or modality_of_task(cfg.task)
     folder = root / modality
     if not folder.is_dir():
         held = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []

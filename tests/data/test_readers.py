@@ -500,6 +500,8 @@ def test_reader_entry_point_errors(tmp_path: Path, fixtures: Path) -> None:
         "dicom",
         "vqa_json",
         "report_json",
+        "breast_cancer_csv",
+        "mitbih_csv",
 ]
     assert reader_options("medmnist") == ["splits", "label_names"]
     assert read_records("jsonl", Path(fixtures / "corpus.jsonl")).records[0].id == "g1"  # type: ignore[arg-type]

@@ -319,6 +319,14 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
         # The federation's round checkpoint and global encoder went to the storage too.
         assert f"{runs['federated']}/checkpoint/global.safetensors" in files
         assert f"{runs['federated']}/rounds.json" in files
+        # evaluate.py federated reads the global encoder straight from the storage URI.
+        ev = subprocess.run([sys.executable, "jobs/evaluate.py", "federated", "--model",
+                             f"{root}/{runs['federated']}/global", "--task", "pneumonia", "--format", "medmnist",
+                             "--data", str(shared_data / "pneumoniamnist/pneumoniamnist_trainval.npz"),
+                             "--split", "val", "--bootstrap", "20"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+        assert ev.returncode == 0, (ev.stdout + ev.stderr)[-3000:]
+        assert json.loads(ev.stdout.strip().splitlines()[-1])["n"] == 270
     else:
         assert "multimodal" not in runs and "federated" not in runs
 

@@ -115,12 +115,14 @@ def test_readme_cluster_commands(shared_data: Path, tmp_path: Path) -> None:
                    f"run.storage={storage}" if a == "run.storage=s3://bucket/runs" else a for a in command]
         command += [
             "tokenizer.vocab_size=512", "domain.enabled=false", "downstream.enabled=false", "serve.enabled=false",
+            "multimodal.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false",
             "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.log_every=1, checkpoint.every_steps=2, "
             "eval.every_steps=100, eval.max_sequences=4, scaling.num_workers=0]",
         ]
         log = _submit(command, env)
         assert "succeeded" in log.lower(), log[-4000:]
-        assert "pretraining finished at step 4" in log and "== stage: domain ==" not in log
+        assert "pretraining finished at step 4" in log
+        assert all(f"== stage: {s} ==" not in log for s in ("domain", "multimodal", "federated"))
         (model,) = storage.glob("pretrain-*/model")
         assert (model / "model.safetensors").is_file() and (model / "tokenizer.json").is_file()
         assert not list(storage.glob("*/*.tmp-*"))  # every output was renamed into place
