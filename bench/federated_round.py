@@ -34,13 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import spread, write_result  # bench/common.py (this script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs/configs/federated/tiny_pneumonia_fedavg.yaml"
 
-
-def spread(values: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "values": [round(v, digits) for v in values]}
 
 
 def overrides(shared: Path, storage: str, clients: int, rounds: int, epochs: int) -> list[str]:
@@ -141,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "round_vs_compute_ratio": spread(ratios),
         "scale": scale_round(shared, a.scale_clients) if a.scale_clients else None,
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, a.out)
     return 0
 
 

@@ -32,14 +32,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from common import spread, write_result  # bench/common.py (this script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs/configs/federated/tiny_pneumonia_fedavg.yaml"
 
-
-def spread(values: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits), "values": [round(v, digits) for v in values]}
 
 
 def prepare(over: list[str], path: Path) -> tuple[dict, dict]:
@@ -150,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours_dev_auroc": spread(our_auc), "flower_dev_auroc": spread(fl_auc),
         "time_ratio_vs_flower": spread(ratios),
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(result, a.out)
     return 0
 
 
