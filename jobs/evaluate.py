@@ -6,6 +6,8 @@
         --data ../shared/data/pubmedqa/pqal_trainval.json --format pubmedqa
     python jobs/evaluate.py qa --model DIR [--adapter LORA_DIR] \\
         --data ../shared/data/pubmedqa/pqal_trainval.json --format pubmedqa --mode sc_cot
+    python jobs/evaluate.py federated --model runs/federated-xxxx/global --task pneumonia \\
+        --data ../shared/data/pneumoniamnist/pneumoniamnist_trainval.npz --format medmnist --split val
     python jobs/evaluate.py qa --config my_eval.yaml qa.n=9      # every task takes a YAML and key=value too
 
 Tasks: ``perplexity`` (any causal-LM folder, any corpus file and reader format),
