@@ -39,8 +39,12 @@ def client_seed(seed: int, round_: int, client: str) -> int:
 _MODELS: dict[str, ModalityModel] = {}
 
 
-def _model(spec: EncoderSpec, seed: int) -> ModalityModel:
-    """A model for ``spec``, built once per process (a pretrained text encoder is read once, not per client)."""
+def cached_model(spec: EncoderSpec, seed: int) -> ModalityModel:
+    """A model for ``spec``, built once per process (a pretrained text encoder is read once, not per client).
+
+    Callers load the weights they need into it first (``load_weights``): every trainable
+    weight is overwritten, and the frozen ones are the same for everyone.
+    """
     key = json.dumps([asdict(spec), seed], sort_keys=True)
     if key not in _MODELS:
         _MODELS[key] = build_model(spec, seed)
@@ -97,7 +101,7 @@ def fit_client(client: str, global_w: Weights, data: dict[str, tuple[EncoderSpec
     torch.set_num_threads(1)  # a pool actor is one CPU; more threads only contend
     for mod in sorted(data):
         spec, task, x, y = data[mod]
-        model = _model(spec, seed)
+        model = cached_model(spec, seed)
         load_weights(model, global_w)  # every trainable weight: the cached model keeps nothing from its last client
         m = train_modality(model, task, x, y, s, seed=cseed, mu=mu)
         local.update(trainable_weights(model))

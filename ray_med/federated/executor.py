@@ -31,10 +31,10 @@ import ray
 from ray_med.errors import DataError
 from ray_med.evaluation.metrics import classification_metrics
 from ray_med.federated import secagg
-from ray_med.federated.client import fit_client, predict
+from ray_med.federated.client import cached_model, fit_client, predict
 from ray_med.federated.config import LocalConfig
 from ray_med.federated.data import modality_arrays
-from ray_med.federated.models import EncoderSpec, build_model, load_weights
+from ray_med.federated.models import EncoderSpec, load_weights
 from ray_med.federated.strategies import Contribution, modality_of
 from ray_med.tasks import get_task
 
@@ -128,7 +128,7 @@ class ClientExecutor:
         """The global model's metrics on ``rows`` of the modality's file (dev each round, test at the end)."""
         spec = self.specs[modality]
         task = self.sources[modality]["task"]
-        model = build_model(spec, self.seed)
+        model = cached_model(spec, self.seed)  # the fits' model: evaluation re-reads no pretrained encoder
         load_weights(model, {k: v for k, v in global_w.items() if modality_of(k) == modality})
         arr = self._arrays(modality)
         probs = predict(model, task, arr.x[rows])

@@ -28,6 +28,7 @@ from ray_med.federated.config import FederatedConfig, FederatedOutputs
 from ray_med.federated.data import check_modality, feature_stats, modality_arrays, plan_modality
 from ray_med.federated.models import (
     ENCODERS,
+    MAX_TEXT_LENGTH,
     EncoderSpec,
     build_model,
     load_weights,
@@ -68,6 +69,9 @@ def check_config(cfg: FederatedConfig) -> None:
             raise ConfigError(f"modality {mod}: unknown encoder {m.encoder!r}; choose one of {', '.join(ENCODERS[mod])}")
         get_task(m.task)
         check_modality(mod, m.task)
+        if mod == "text" and m.max_length > MAX_TEXT_LENGTH:
+            raise ConfigError(f"modality text: max_length {m.max_length} exceeds the encoders' {MAX_TEXT_LENGTH} "
+                              "positions")
         path = data_path(cfg, m.path)
         if not Path(path).exists():
             raise DataError(f"modality {mod}: data file not found: {path}")

