@@ -28,6 +28,7 @@ from ray_med.evaluation.config import (
     QAEvalConfig,
 )
 from ray_med.federated.config import FederatedConfig, FederatedEvalConfig, FederatedOutputs
+from ray_med.injection.config import InjectConfig, InjectOutputs
 from ray_med.pipeline.config import PipelineConfig, PipelineOutputs
 from ray_med.runs import RunsConfig, RunsOutputs
 from ray_med.runtime import RunContext, start_run
@@ -85,8 +86,8 @@ _PERPLEXITY_FLAGS = {
 }
 
 _MULTIMODAL_FLAGS = {
-    "--model": "model", "--data": "data", "--format": "format", "--task": "task", "--split": "split",
-    "--limit": "limit", "--bootstrap": "bootstrap", "--predictions": "predictions", "--seed": "seed",
+    "--model": "model", "--adapter": "adapter", "--data": "data", "--format": "format", "--task": "task",
+    "--split": "split", "--limit": "limit", "--bootstrap": "bootstrap", "--predictions": "predictions", "--seed": "seed",
     "--max-new-tokens": "max_new_tokens", "--batch-size": "batch_size", "--max-length": "max_length",
 }
 
@@ -119,8 +120,8 @@ JOBS: dict[str, JobSpec] = {
         JobSpec("multimodal", MultimodalConfig, "ray_med.training.multimodal:run_multimodal", MultimodalOutputs,
                 "The multimodal model (Med-PaLM M as LLaVA): vision tower + projector + LLM on a task mixture.",
                 default_config="jobs/configs/multimodal/tiny_pneumonia.yaml"),
-        JobSpec("evaluate.multimodal", MultimodalEvalConfig, "ray_med.evaluation.multimodal_eval:multimodal_task",
-                EvalOutputs, "A multimodal model on one task's file: AUROC/F1 (choice), BLEU/F1 (VQA), ROUGE-L (reports).",
+        JobSpec("evaluate.multimodal", MultimodalEvalConfig, "ray_med.injection.evaluate:multimodal_task",
+                EvalOutputs, "A multimodal or injected model on one task's file: AUROC/F1 (choice), BLEU/F1 (VQA), ROUGE-L.",
                 run_folder=False, aliases=_MULTIMODAL_FLAGS),
         JobSpec("federated", FederatedConfig, "ray_med.federated.job:run_federated", FederatedOutputs,
                 "Federated hospitals: clients as Ray actors, FedAvg/FedProx/FedAdam, DP, secure aggregation.",
@@ -128,6 +129,9 @@ JOBS: dict[str, JobSpec] = {
         JobSpec("evaluate.federated", FederatedEvalConfig, "ray_med.federated.evaluate:federated_task", EvalOutputs,
                 "A federated global encoder + head on a task's file: macro AUROC (with CI), F1, accuracy.",
                 run_folder=False, aliases=_FEDERATED_FLAGS),
+        JobSpec("inject", InjectConfig, "ray_med.injection.job:run_inject", InjectOutputs,
+                "Inject the federated encoders into an LLM (FedKIM): M3OE, FedPlug or FedPlugL, seen and unseen tasks.",
+                default_config="jobs/configs/inject/tiny_m3oe.yaml"),
         JobSpec("peft_report", PeftReportConfig, "ray_med.adapters.report:run_peft_report", PeftReportOutputs,
                 "Trainable parameters and their fraction for each PEFT method and setting.",
                 default_config="jobs/configs/peft_report/llama2_7b_table2.yaml", run_folder=False),

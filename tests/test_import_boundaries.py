@@ -35,9 +35,13 @@ ALLOWED: dict[str, set[str]] = {
     "training": BASE | {"runtime", "corpus"} | CORE,
     "serving": BASE | {"runtime"} | CORE,
     "federated": BASE | {"runtime", "training"} | CORE,  # training: the shared loop runs each client's epochs
+    # FedKIM's server: the federated encoders injected into an LLM (interleaved with the federated rounds).
+    "injection": BASE | {"runtime", "training", "federated"} | CORE,
     # The application: the job table, the command line, the pipeline of jobs.
-    "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "federated", "pipeline"} | CORE,
-    "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving", "federated"} | CORE,
+    "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "federated", "injection", "pipeline"}
+    | CORE,
+    "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving", "federated", "injection"}
+    | CORE,
     "cli": BASE | {"runtime", "registry"},
 }
 # The only modules that import Ray (at module level); DeepSpeed only in the pretraining worker.
@@ -45,7 +49,7 @@ RAY_EDGES = {
     "corpus.build", "training.pretrain", "training.pretrain_worker", "training.downstream_worker",
     "training.worker", "training.trainer", "training.multimodal", "serving.app", "serving.deploy", "serving.deployments.replica",
     "serving.deployments.lm", "serving.deployments.classifier", "serving.deployments.gateway",
-    "federated.executor", "federated.server",
+    "federated.executor", "federated.server", "injection.job",
 }
 DEEPSPEED = {"training.pretrain_worker"}
 

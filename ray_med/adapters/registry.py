@@ -5,6 +5,10 @@ exposes one :class:`~ray_med.adapters.method.AdapterMethod`; :data:`METHODS` bel
 them. Adding a method is a new folder plus one line here. The five methods of Clinical
 LLaMA-LoRA wrap the ``peft`` library, so the folders they save are plain PEFT folders
 (``adapter_config.json`` + ``adapter_model.safetensors``) that ``PeftModel`` loads.
+``m3oe`` (FedKIM's mixture of LoRA experts gated by task and modality text) has its own
+layers: no PEFT config, its ``inject``/``load`` return an
+:class:`~ray_med.adapters.m3oe.M3OE`, its folders say ``peft_type: M3OE``, and
+``jobs/inject.py`` trains it.
 
 What the rest of ray_med asks a method:
 
@@ -25,7 +29,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ray_med.adapters import adaption_prompt, lora, prefix, prompt, ptuning
+from ray_med.adapters import adaption_prompt, lora, m3oe, prefix, prompt, ptuning
 from ray_med.adapters.method import AdapterMethod
 from ray_med.config import lookup
 from ray_med.errors import ModelError
@@ -36,7 +40,8 @@ if TYPE_CHECKING:
 CONFIG_FILE = "adapter_config.json"
 
 METHODS: dict[str, AdapterMethod] = {
-    m.name: m for m in (lora.METHOD, adaption_prompt.METHOD, prefix.METHOD, prompt.METHOD, ptuning.METHOD)
+    m.name: m for m in (lora.METHOD, adaption_prompt.METHOD, prefix.METHOD, prompt.METHOD, ptuning.METHOD,
+                        m3oe.METHOD)
 }
 
 

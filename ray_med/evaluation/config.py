@@ -126,13 +126,16 @@ class MultimodalEvalConfig:
     """A multimodal (LLaVA) model on one task's file: MultiMedBench's metric for the task's kind."""
 
     model: str
-    """The model folder written by jobs/multimodal.py (<output_dir>/model)."""
+    """The model folder written by jobs/multimodal.py or jobs/inject.py (<output_dir>/model)."""
     data: str
     """The data file."""
     format: str
-    """Its reader: medmnist, image_csv, dicom, vqa_json or report_json."""
+    """Its reader: medmnist, image_csv, dicom, vqa_json or report_json (an injected task: its encoder's reader)."""
     task: str
-    """A multimodal task (pneumonia, vqa_rad, slake, cxr_report, pubmedqa, medqa, medmcqa)."""
+    """A multimodal task (pneumonia, vqa_rad, slake, cxr_report, pubmedqa, medqa, medmcqa), or a task of the
+    injected model (seen or unseen)."""
+    adapter: str | None = None
+    """An injected model's adapter: jobs/inject.py's <output_dir>/adapter (M3OE or LoRA) or folded/<task>."""
     split: str | None = None
     """For a MedMNIST .npz with several splits: the one to score (a file with one split is read whole)."""
     limit: int | None = None

@@ -250,7 +250,9 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
         model = build_model(spec, cfg.run.seed)
         load_weights(model, state.weights)
         with storage.local_dir(f"global/{mod}") as folder:
-            save_modality(model, folder, extra={"round": state.round, "strategy": s.name, "seed": cfg.run.seed})
+            # The source and split ratios let the injection stage rebuild the same public/dev/test split.
+            save_modality(model, folder, extra={"round": state.round, "strategy": s.name, "seed": cfg.run.seed,
+                                                "source": sources[mod], "ratios": list(cfg.partition.ratios)})
     summary = {"rounds": state.log, "test": test, "stopped": state.stopped, "clients": n_clients,
                "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "sizes": sizes, "epsilon": state.log[-1].get("epsilon") if state.log else None}

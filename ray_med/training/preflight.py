@@ -6,8 +6,9 @@ and the adapter is injected into it exactly as a worker would inject it. What ca
 be checked here (a mistake only a worker can see) is caught by
 :func:`ray_med.training.trainer.user_errors_fail_once`.
 
-* :func:`check_adapter` -- the method suits the stage, and ``target_modules`` name
-  modules the model has (PEFT would otherwise raise inside every worker);
+* :func:`check_adapter` -- the method suits the stage (a method with a job of its own,
+  M3OE, is refused by finetune's stages), and ``target_modules`` name modules the model
+  has (PEFT would otherwise raise inside every worker);
 * :func:`check_batches` -- the data gives every worker at least one full batch.
 """
 
@@ -52,9 +53,17 @@ def check_adapter(model: Any, adapter: AdapterConfig, *, key: str = "adapter",
     """ConfigError unless ``adapter`` can be injected into ``model`` (a meta model) as a worker would.
 
     ``stage="downstream"`` also requires a method that can carry a classifier (prompt
-    learning prepends virtual tokens, so it cannot).
+    learning prepends virtual tokens, so it cannot). A method trained by a job of its own
+    (``trained_by``: M3OE and ``jobs/inject.py``) is refused at any stage: this check
+    serves finetune's domain and downstream stages, which train PEFT adapters.
     """
     method = get_method(adapter.method)
+    own_job = getattr(method, "trained_by", None)
+    if own_job:
+        usable = ", ".join(m.name for m in METHODS.values() if not getattr(m, "trained_by", None)
+                           and (stage != "downstream" or m.stackable))
+        raise ConfigError(f"{key}.method={adapter.method} is trained by {own_job}, not by finetune's domain or "
+                          f"downstream stages; train it with {own_job}, or use {usable} here")
     if stage == "downstream" and not method.stackable:
         usable = ", ".join(m.name for m in METHODS.values() if m.stackable)
         raise ConfigError(f"{key}.method={adapter.method}: a classifier's adapter cannot be prompt learning "

@@ -100,10 +100,13 @@ def build_trainer(
     threads: int,
     keep_checkpoints: int = 2,
     datasets: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` running ``worker(worker_config)`` on ``scaling.num_workers`` workers.
 
-    Run it with :func:`fit`, which turns a worker's user error into the driver's.
+    Run it with :func:`fit`, which turns a worker's user error into the driver's. ``name``
+    (default: the run's) names Ray Train's run: a second fit under the same name resumes
+    from the first's last checkpoint, so a job that fits several times names each.
     """
     resources = {"CPU": threads, **scaling.resources_per_worker}
     return TorchTrainer(
@@ -112,7 +115,7 @@ def build_trainer(
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=ctx.name,
+            name=name or ctx.name,
             storage_path=ctx.storage.uri,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),

@@ -165,11 +165,8 @@ def test_a_thousand_virtual_clients_run_on_the_two_actor_pool(ray_session, share
     assert row["executors"] == 2 and 0 < row["executor_peak_rss_mb"] < 4096
 
 
-def test_sites_hold_different_modalities(ray_session, shared_data, tmp_path) -> None:
-    args = ["--config", str(REPO / "jobs/configs/federated/tiny_multimodal.yaml"), f"run.storage={tmp_path}",
-            f"data_root={shared_data}", "rounds=2", "bootstrap=20"]
-    assert _main("federated")(args) == 0
-    run = _run_dir(tmp_path)
+def test_sites_hold_different_modalities(federated_multimodal) -> None:
+    run = federated_multimodal  # tiny_multimodal.yaml, 2 rounds (shared with the injection tests)
     summary = json.loads((run / "rounds.json").read_text())
     assert set(summary["test"]) == {"image", "tabular", "text", "signal"}
     assert sorted(summary["sizes"]["tabular"]) == ["hospital_a", "hospital_c"]

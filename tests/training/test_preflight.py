@@ -51,6 +51,16 @@ def test_a_classifier_cannot_carry_prompt_learning_but_a_domain_adapter_can() ->
     check_adapter(meta_model(ModelConfig(preset="tiny-llama")), AdapterConfig(method="prefix"))
 
 
+def test_m3oe_is_refused_by_finetune_stages_and_pointed_to_its_job() -> None:
+    model = meta_model(ModelConfig(preset="tiny-llama"), vocab_size=256)
+    with pytest.raises(ConfigError, match=r"^adapter.method=m3oe is trained by jobs/inject.py, not by finetune's "
+                                          r"domain or downstream stages.*use lora, adaption_prompt, prefix"):
+        check_adapter(model, AdapterConfig(method="m3oe"))
+    with pytest.raises(ConfigError, match=r"trained by jobs/inject.py.*use lora, adaption_prompt here$"):
+        check_adapter(model, AdapterConfig(method="m3oe"), task_type=None, stage="downstream")
+    assert not any(type(m).__name__ == "M3OELinear" for m in model.modules())  # refused before injecting
+
+
 def test_meta_model_of_a_real_size_preset_costs_no_memory() -> None:
     model = meta_model(ModelConfig(preset="llama2-7b"))
     assert all(p.device.type == "meta" for p in model.parameters())
@@ -95,6 +105,22 @@ def test_domain_target_modules_fail_before_reading_the_corpus(tmp_path, shared_d
     ])
     assert code == 2
     assert "adapter.target_modules: query match no module" in _one_line_error(capsys)
+
+
+def test_domain_and_downstream_m3oe_fail_before_any_worker(tmp_path, shared_data, capsys) -> None:
+    code = _job("finetune")([
+        "--config", str(REPO / "jobs/configs/finetune/tiny_domain.yaml"), f"corpus.root={shared_data}",
+        f"run.storage={tmp_path}/runs", "adapter.method=m3oe",
+    ])
+    assert code == 2
+    assert "adapter.method=m3oe is trained by jobs/inject.py" in _one_line_error(capsys)
+    code = _job("finetune")([
+        "--config", str(REPO / "jobs/configs/finetune/pubmedqa_minilm_lora.yaml"), f"data.root={shared_data}",
+        f"run.storage={tmp_path}/runs", "adapter.method=m3oe", "scaling.num_workers=2",
+    ])
+    assert code == 2
+    assert "adapter.method=m3oe is trained by jobs/inject.py" in _one_line_error(capsys)
+    assert not list((tmp_path / "runs").glob("*/checkpoint_*"))
 
 
 @pytest.mark.ray
