@@ -33,7 +33,7 @@ ALLOWED: dict[str, set[str]] = {
     # Ray edges over the core.
     "corpus": BASE | {"runtime", "models", "data"},
     "training": BASE | {"runtime", "corpus"} | CORE,
-    "serving": BASE | {"runtime"} | CORE,
+    "serving": BASE | {"runtime", "injection"} | CORE,  # injection: the injected model's engine
     "federated": BASE | {"runtime", "training"} | CORE,  # training: the shared loop runs each client's epochs
     # FedKIM's server: the federated encoders injected into an LLM (interleaved with the federated rounds).
     "injection": BASE | {"runtime", "training", "federated"} | CORE,

@@ -102,6 +102,9 @@ class InjectConfig:
     """The seen tasks: trained on the public split, selected on dev, reported on test."""
     unseen: list[InjectTask] = field(default_factory=list)
     """Never trained on: scored zero-shot on the test split."""
+    baselines: list[str] = field(default_factory=list)
+    """Other methods to run after ``method`` on the same data and budget (e.g. [fedplug, fedplugl]), each into
+    <output_dir>/baselines/<method>; the job then prints every method's test AUROC side by side."""
     rounds_interleaved: bool = False
     """FedKIM's loop: each federated round is followed by one injection epoch (needs federated.config)."""
     train: InjectTrainSettings = field(default_factory=InjectTrainSettings)
@@ -133,6 +136,13 @@ class InjectConfig:
             if t.description.strip().lower() in seen_texts:
                 raise ConfigError(f"unseen task {t.name}: its description {t.description!r} is a trained task's; "
                                   "an unseen task's text must never appear in training")
+        for b in self.baselines:
+            if b not in METHODS or b == self.method:
+                raise ConfigError(f"baselines: {b!r} must be a method other than {self.method} "
+                                  f"({', '.join(METHODS)})")
+        if self.baselines and self.rounds_interleaved:
+            raise ConfigError("baselines run after federated training; with rounds_interleaved run each method "
+                              "as its own job")
         if self.rounds_interleaved and not self.federated.config:
             raise ConfigError("rounds_interleaved needs federated.config (the federated job's YAML)")
         if self.tokens_per_modality < 1:

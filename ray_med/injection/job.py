@@ -64,17 +64,26 @@ from ray_med.injection.model import (
 from ray_med.injection.train import task_auroc, train_injection
 from ray_med.models import build_model, count_parameters, load_tokenizer, train_bpe_tokenizer
 from ray_med.models.loading import load_causal_lm, save_pretrained
-from ray_med.runtime import RunContext, Storage, init_ray, localize, ray_get, seed_everything
+from ray_med.runtime import RunContext, Storage, init_ray, is_uri, localize, ray_get, seed_everything
 from ray_med.training.trainer import build_trainer, fit, threads_per_worker
 from ray_med.training.worker import RayCheckpoints, reduce_mean, say, worker_info
 
 TOKENIZER_DIR = "tokenizer"
 
 
+def modality_folder(global_dir: str, modality: str) -> Path:
+    """A federated run's ``global/<modality>`` on this machine (remote storage commits each modality folder)."""
+    if is_uri(global_dir):
+        return Path(localize(f"{global_dir.rstrip('/')}/{modality}", what=f"federated {modality} encoder",
+                             error=ConfigError))
+    return Path(global_dir) / modality
+
+
 def _modality_config(global_dir: str, modality: str) -> dict[str, Any]:
-    path = Path(global_dir) / modality / "config.json"
+    path = modality_folder(global_dir, modality) / "config.json"
     if not path.is_file():
-        have = sorted(p.name for p in Path(global_dir).iterdir() if p.is_dir()) if Path(global_dir).is_dir() else []
+        root = Path(global_dir)
+        have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         raise ConfigError(f"{global_dir} has no federated {modality} encoder (it holds: {', '.join(have) or 'nothing'})")
     raw = json.loads(path.read_text())
     if "source" not in raw:
@@ -103,7 +112,6 @@ def _sample(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def prepare_data(cfg: InjectConfig, global_dir: str, out_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(summary, data): runs as one Ray task; the arrays stay in the object store."""
-    global_dir = localize(global_dir, what="federated global folder")
     specs = task_specs(cfg, global_dir)
     data: dict[str, Any] = {"train": {}, "dev": {}, "test": {}}
     for name, spec in specs.items():
@@ -184,8 +192,8 @@ def inject_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     scratch = Path(tempfile.mkdtemp(prefix="inject-"))
     if rank == 0:  # the frozen base as it is before any adapter: model/llm
         save_pretrained(llm, scratch / "llm", tokenizer)
-    global_dir = localize(spec.global_dir, what="federated global folder")
-    encoders = {m: load_modality(Path(global_dir) / m) for m in modalities}
+    folders = {m: modality_folder(spec.global_dir, m) for m in modalities}
+    encoders = {m: load_modality(folders[m]) for m in modalities}
     model = InjectedModel(llm, encoders, token_ids, cfg.tokens_per_modality, cfg.modality_texts)
     m3oe_cfg = M3OEConfig.from_adapter_config(cfg.adapter)
     budget = _m3oe_budget(llm, m3oe_cfg)
@@ -199,11 +207,12 @@ def inject_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             r=lora_r, lora_alpha=scale * lora_r, lora_dropout=cfg.adapter.dropout,
             target_modules=list(cfg.adapter.target_modules), bias="none"))
     if spec.init_from:
-        init = localize(spec.init_from)
+        prev = Storage.parse(spec.init_from)
         if rank == 0:
             say(f"[inject] starting from the previous epoch's projectors and adapter ({spec.init_from})")
-        load_projectors(model, Path(init) / "model" / "projectors.safetensors")
-        _load_adapter_weights(model, Path(init) / "adapter", cfg.method)
+        load_projectors(model, Path(localize(prev.join("model"))) / "projectors.safetensors")
+        if cfg.method != "fedplug":
+            _load_adapter_weights(model, Path(localize(prev.join("adapter"), what="adapter folder")), cfg.method)
     model.to(device)
     trainable = count_parameters(model, trainable_only=True)
     adapter_params = trainable - sum(p.numel() for p in model.projectors.parameters())
@@ -246,8 +255,7 @@ def inject_worker(config: dict[str, Any]) -> dict[str, Any] | None:
             for it, row in zip(its, probs, strict=True)))
     gate = stats.summary() if stats is not None else {}
     with out.local_dir("model") as folder:
-        save_injected(model, folder, llm_dir=scratch / "llm", encoder_dirs={m: str(Path(global_dir) / m)
-                                                                             for m in modalities},
+        save_injected(model, folder, llm_dir=scratch / "llm", encoder_dirs={m: str(f) for m, f in folders.items()},
                       tasks=tasks, method=cfg.method)
     adapter_dir = None
     if model.m3oe is not None:
@@ -334,6 +342,28 @@ def _print_results(metrics: dict[str, Any]) -> None:
         print(f"gate {name}: entropy {g['entropy']:.3f}, expert usage [{usage}]")
 
 
+def compare_table(runs: dict[str, dict[str, Any]]) -> str:
+    """Every method's test macro AUROC per task, seen and unseen, as a markdown table."""
+    methods = list(runs)
+    first = runs[methods[0]]["test"]
+    lines = ["", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for task, m in first.items():
+        kind = "seen" if m["seen"] else "unseen"
+        lines.append(f"| {task} ({kind}) | " + " | ".join(_num(runs[k]["test"][task]["auroc_macro"]) for k in methods)
+                     + " |")
+    for kind, flag in (("seen", True), ("unseen", False)):
+        means = []
+        for k in methods:
+            vals = [v["auroc_macro"] for v in runs[k]["test"].values() if v["seen"] == flag
+                    and v["auroc_macro"] is not None and np.isfinite(v["auroc_macro"])]
+            means.append(_num(float(np.mean(vals))) if vals else "n/a")
+        if any(m != "n/a" for m in means):
+            lines.append(f"| mean of {kind} | " + " | ".join(means) + " |")
+    lines.append("\ntest macro AUROC; trainable adapter parameters: " + ", ".join(
+        f"{k} {runs[k]['adapter_params']:,}" for k in methods))
+    return "\n".join(lines)
+
+
 def _num(x: float | None) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.4f}"
 
@@ -369,6 +399,16 @@ def run_inject(cfg: InjectConfig, ctx: RunContext) -> InjectOutputs:
     else:
         metrics = _interleaved(cfg, ctx, out)
     _print_results(metrics)
+    if cfg.baselines:
+        assert cfg.federated.global_dir is not None
+        runs = {cfg.method: metrics}
+        for method in cfg.baselines:
+            # The same data, LLM and adapter budget; only the method changes.
+            bcfg = replace(cfg, method=method, baselines=[], output_dir=out.join("baselines", method))
+            runs[method] = _fit_injection(bcfg, ctx, Storage.parse(bcfg.output_dir), cfg.federated.global_dir,
+                                          name=f"{ctx.name}-{method}")
+        metrics["compare"] = {m: {t: v["auroc_macro"] for t, v in r["test"].items()} for m, r in runs.items()}
+        print(compare_table(runs))
     print(f"model:   {out_dir}/model" + (f"\nadapter: {metrics['adapter_dir']}" if metrics["adapter_dir"] else ""))
     print(f"metrics: {out_dir}/metrics.json")
     return InjectOutputs(run_dir=ctx.dir, model_dir=f"{out_dir}/model", adapter_dir=metrics["adapter_dir"],

@@ -52,10 +52,16 @@ class PipelineConfig:
     serve_vlm: StageConfig = field(default_factory=lambda: StageConfig(config="jobs/configs/serve_check/tiny_vlm.yaml"))
     """Serve the multimodal model and send it a real chest X-ray (needs multimodal)."""
     federated: StageConfig = field(
-        default_factory=lambda: StageConfig(config="jobs/configs/federated/tiny_pneumonia_fedavg.yaml",
+        default_factory=lambda: StageConfig(config="jobs/configs/federated/tiny_multimodal.yaml",
                                             overrides=["rounds=5"])
     )
-    """Federated hospitals: 5 clients as Ray actors, FedAvg on PneumoniaMNIST under label skew; per-round table."""
+    """Federated hospitals: 5 sites holding different modalities, one encoder per modality with FedAvg on a pool
+    of Ray actors; per-round table."""
+    inject: StageConfig = field(
+        default_factory=lambda: StageConfig(config="jobs/configs/inject/tiny_m3oe.yaml",
+                                            overrides=["baselines=[fedplug, fedplugl]"])
+    )
+    """The federated encoders injected into an LLM with M3OE, then FedPlug and FedPlugL (needs federated)."""
 
 
 @dataclass

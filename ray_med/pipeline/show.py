@@ -11,6 +11,7 @@ from typing import Any
 from ray_med.corpus.config import CorpusOutputs
 from ray_med.corpus.report import print_corpus
 from ray_med.federated.config import FederatedOutputs
+from ray_med.injection.config import InjectOutputs
 from ray_med.serving.client import print_serve_check
 from ray_med.serving.config import ServeCheckOutputs
 from ray_med.training.config import FinetuneOutputs, PretrainOutputs
@@ -89,6 +90,27 @@ def show_federated(out: FederatedOutputs, cached: bool) -> None:
         lines.append(f"\n{mod} test: macro AUROC {m['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}] on {m['n']}")
     lines.append(f"global model: {out.global_dir}/<modality>")
     print("\n".join(lines))
+
+
+def show_inject(out: InjectOutputs, cached: bool) -> None:
+    """The job prints its results as it runs; a cached stage prints them again from its outputs."""
+    if not cached:
+        return
+    m = out.metrics
+    compare = m.get("compare") or {m["method"]: {t: v["auroc_macro"] for t, v in m["test"].items()}}
+    methods = list(compare)
+    lines = ["", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for task, v in m["test"].items():
+        kind = "seen" if v["seen"] else "unseen"
+        lines.append(f"| {task} ({kind}) | " + " | ".join(_auroc(compare[k].get(task)) for k in methods) + " |")
+    for task, g in (m.get("gate") or {}).items():
+        lines.append(f"gate {task}: entropy {g['entropy']:.3f}, expert usage [{' '.join(f'{u:.2f}' for u in g['usage'])}]")
+    lines.append(f"model:   {out.model_dir}")
+    print("\n".join(lines))
+
+
+def _auroc(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{x:.4f}"
 
 
 def show_downstream(out: FinetuneOutputs, cached: bool) -> None:

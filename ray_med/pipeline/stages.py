@@ -87,6 +87,10 @@ def _federated(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
     return [format_override("data_root", _data_root(cfg))]
 
 
+def _inject(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    return [format_override("federated.global_dir", up["federated"].global_dir)]
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("data", "corpus", "read the corpus sources into Parquet, train the tokenizer (on the documents "
           "pretraining trains on), print the data report", show=show.show_data,
@@ -110,9 +114,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("serve_vlm", "serve_check", "the Serve app on the multimodal model: a real chest X-ray to /v1/generate, "
           "chat and /v1/classify", needs=("multimodal",), uses=("multimodal",), handoff=_serve_vlm,
           show=show.show_serve),
-    Stage("federated", "federated", "federated hospitals: 5 clients on a pool of Ray actors train an X-ray encoder "
-          "under label skew with FedAvg; one line per round, test AUROC with its CI", handoff=_federated,
+    Stage("federated", "federated", "federated hospitals: 5 sites holding different modalities (chest X-rays, the "
+          "breast-cancer table, MTSamples notes, heartbeats) train one encoder per modality with FedAvg on a pool "
+          "of Ray actors; one line per round, test AUROC with its CI", handoff=_federated,
           show=show.show_federated, artifacts=lambda out: [f"{out.global_dir}/{mod}" for mod in out.test]),
+    Stage("inject", "inject", "the federated encoders injected into a tiny Llama (FedKIM): M3OE, FedPlug and "
+          "FedPlugL at the same budget on the public split; seen and unseen tasks' test AUROC side by side, and "
+          "the gate's expert usage per task", needs=("federated",), uses=("federated",), handoff=_inject,
+          show=show.show_inject, artifacts=lambda out: [out.model_dir]),
 )
 
 

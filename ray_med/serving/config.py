@@ -93,11 +93,20 @@ class ServeAppConfig:
     model: str = ""
     """Model folder (HF format, with its tokenizer); empty: none. A causal LM serves /v1/qa, /v1/generate
     and chat; a multimodal (LLaVA) one, e.g. jobs/multimodal.py's <output_dir>/model, serves /v1/generate
-    and chat with an image, and /v1/classify with image + task."""
+    and chat with an image, and /v1/classify with image + task; an injected model (jobs/inject.py's
+    <output_dir>/model) serves /v1/classify and /v1/generate with task (+ modality) and an image, features
+    or text."""
     model_name: str = ""
     """Name of the base model in /v1/models and chat requests (default: the folder's name)."""
     adapters: dict[str, str] = field(default_factory=dict)
     """LoRA adapters of the causal LM by name (PEFT folders, e.g. <finetune output_dir>/adapter)."""
+    adapter: str = ""
+    """An injected model's adapter (jobs/inject.py's <output_dir>/adapter: M3OE or LoRA; empty for FedPlug)."""
+    gate: str = "live"
+    """An injected M3OE model: live (the gate computed per request from its task and modality texts: unseen
+    tasks too) or folded (each known task's folded LoRA, from folded_dir, in the multiplexed adapter cache)."""
+    folded_dir: str = ""
+    """With gate folded: jobs/inject.py's <output_dir>/folded (one PEFT LoRA folder per task)."""
     classifiers: dict[str, str] = field(default_factory=dict)
     """Stage-2 classifiers by name (folders written by jobs/finetune.py stage=downstream)."""
     qa: QAConfig = field(default_factory=QAConfig)
@@ -149,10 +158,12 @@ class ServeAppConfig:
 
         if not self.model and not self.classifiers:
             raise ConfigError("nothing to serve: set model (a causal LM folder) and/or classifiers")
-        if self.model and not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"model: {self.model} is not a model folder (no config.json)")
+        if self.model and not any((Path(self.model) / f).is_file() for f in ("config.json", "injected_config.json")):
+            raise ConfigError(f"model: {self.model} is not a model folder (no config.json, nor the "
+                              "injected_config.json of jobs/inject.py's model)")
         if self.adapters and not self.model:
             raise ConfigError("adapters are LoRA adapters of the causal LM: set model too")
+        self._check_injected()
         if self.adapters and self.model_multimodal():
             raise ConfigError("adapters: LoRA adapters are served for a causal LM; model is a multimodal (LLaVA) "
                               "folder (merge its LoRA into it, as jobs/multimodal.py's export does)")
@@ -212,6 +223,7 @@ class ServeAppConfig:
         if lm:
             out = replace(
                 out, model=localize(self.model) if self.model else self.model,
+                adapter=localize(self.adapter, what="adapter folder") if self.adapter else self.adapter,
                 adapters={n: localize(p, what="adapter folder") for n, p in self.adapters.items()},
                 shots_file=localize(self.shots_file, what="shots file") if self.shots_file else self.shots_file,
             )
@@ -219,6 +231,40 @@ class ServeAppConfig:
             out = replace(out, classifiers={n: localize_classifier(p, localize, cache_root())
                                             for n, p in self.classifiers.items()})
         return out
+
+    def _check_injected(self) -> None:
+        if self.gate not in ("live", "folded"):
+            raise ConfigError(f"gate must be live or folded, got {self.gate!r}")
+        if not self.model_injected():
+            if self.adapter or self.folded_dir:
+                raise ConfigError("adapter and folded_dir belong to an injected model (jobs/inject.py's "
+                                  "<output_dir>/model); LoRA adapters of a causal LM go in adapters")
+            return
+        if self.adapters:
+            raise ConfigError("adapters: an injected model takes its adapter in adapter (and folded_dir), not "
+                              "adapters")
+        if self.adapter:
+            try:
+                check_adapter_dir(self.adapter)
+            except ModelError as exc:
+                raise ConfigError(f"adapter: {exc}") from None
+        if self.gate == "folded" and not Path(self.folded_dir).is_dir():
+            raise ConfigError(f"gate folded needs folded_dir, jobs/inject.py's <output_dir>/folded (got "
+                              f"{self.folded_dir!r})")
+
+    def model_injected(self) -> bool:
+        """Whether ``model`` is an injected model folder (jobs/inject.py), from its injected_config.json alone."""
+        if not self.model:
+            return False
+        if not is_uri(self.model):
+            return (Path(self.model) / "injected_config.json").is_file()
+        return Storage.parse(self.model).complete() and "injected_config.json" in Storage.parse(self.model).list_dir()
+
+    def injected_tasks(self) -> dict[str, Any]:
+        """An injected model's tasks (name -> modality, description, answer words, seen), from its config file."""
+        text = (Path(self.model) / "injected_config.json").read_text() if not is_uri(self.model) else \
+            Storage.parse(self.model).read_text("injected_config.json")
+        return json.loads(text)["tasks"]
 
     def model_multimodal(self) -> bool:
         """Whether ``model`` is a multimodal (LLaVA) folder, read from its config.json alone.

@@ -84,7 +84,13 @@ class ClassifyRequest(_Strict):
     adapter: str | None = None
     image: str | None = Field(default=None, description="base64 PNG/JPEG; with task: the multimodal model classifies it")
     task: str | None = Field(default=None, max_length=64,
-                             description="a multimodal image task (e.g. pneumonia), with image")
+                             description="a multimodal image task (e.g. pneumonia), with image; or a task of the "
+                                         "injected model (seen or unseen)")
+    modality: str | None = Field(default=None, max_length=32,
+                                 description="injected model: the input's modality (image, tabular, text, signal); "
+                                             "default: the task's")
+    features: list[float] | None = Field(default=None, max_length=100_000,
+                                         description="injected model: a tabular row or a signal, as numbers")
 
 
 class ClassifyResponse(BaseModel):
@@ -93,20 +99,33 @@ class ClassifyResponse(BaseModel):
     labels: list[str] | None = None
     adapter: str | None = None
     task: str | None = None
+    modality: str | None = None
+    gate: str | None = None
+    """Injected model: live (M3OE's gate computed for the request) or folded (the task's folded LoRA)."""
 
 
 class GenerateRequest(_Strict):
-    prompt: str = Field(min_length=1, max_length=MAX_CHARS)
+    prompt: str | None = Field(default=None, min_length=1, max_length=MAX_CHARS,
+                               description="required, except for an injected model's image, tabular and signal "
+                                           "tasks (its text tasks: the note)")
     max_new_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     seed: int | None = _seed()
     image: str | None = Field(default=None, description="base64 PNG/JPEG, for multimodal models")
     adapter: str | None = None
+    task: str | None = Field(default=None, max_length=64, description="injected model: the task whose question "
+                                                                        "is answered (seen or unseen)")
+    modality: str | None = Field(default=None, max_length=32, description="injected model: the input's modality")
+    features: list[float] | None = Field(default=None, max_length=100_000,
+                                         description="injected model: a tabular row or a signal")
 
 
 class GenerateResponse(BaseModel):
     text: str
     adapter: str | None = None
+    task: str | None = None
+    modality: str | None = None
+    gate: str | None = None
 
 
 class TextPart(_Strict):

@@ -33,10 +33,21 @@ def _inject(tmp_path: Path, fed: Path, config: str, *extra: str) -> Path:
     return run
 
 
-def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(federated_multimodal, tmp_path,
-                                                                        capsys) -> None:
-    run = _inject(tmp_path, federated_multimodal, "tiny_m3oe.yaml", "train.epochs=2", "scaling.num_workers=1")
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def m3oe_run(federated_multimodal, tmp_path_factory) -> tuple[Path, str]:
+    """One M3OE injection on a real Ray Train worker (shared by the job, evaluation and serving tests)."""
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        run = _inject(tmp_path_factory.mktemp("m3oe"), federated_multimodal, "tiny_m3oe.yaml", "train.epochs=2",
+                      "scaling.num_workers=1")
+    return run, buf.getvalue()
+
+
+def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(m3oe_run, capsys) -> None:
+    run, out = m3oe_run
     assert "normal_cxr (unseen) test: macro AUROC" in out and "gate pneumonia: entropy" in out
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["test"]) == SEEN | UNSEEN and set(metrics["unseen"]) == UNSEEN
@@ -66,6 +77,70 @@ def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(federat
     assert lines[0]["n"] == 80 and lines[0]["seen"] is False
     assert lines[0]["auroc_macro"] == pytest.approx(lines[1]["auroc_macro"], abs=1e-6)
     assert lines[0]["accuracy"] == lines[1]["accuracy"]
+
+
+def _png(shared_data: Path, index: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    x = np.load(shared_data / "pneumoniamnist/pneumoniamnist_trainval.npz")["val_images"][index]
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_serving_an_injected_task_folded_answers_as_the_live_gate(m3oe_run, shared_data) -> None:
+    import base64
+
+    import requests
+    from ray import serve
+
+    from ray_med.injection.engine import InjectedEngine
+    from ray_med.runtime import free_port
+    from ray_med.serving.app import build_app
+
+    run, _ = m3oe_run
+    live_args = {"model": str(run / "model"), "adapter": str(run / "adapter"), "max_new_tokens": 8}
+    folded_args = {"model": str(run / "model"), "gate": "folded", "folded_dir": str(run / "folded"),
+                   "max_new_tokens": 8, "lm": {"max_adapters": 1}}  # one cached LoRA: switching tasks evicts
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(live_args), name="live", route_prefix="/live")
+        serve.run(build_app(folded_args), name="folded", route_prefix="/folded")
+        url = f"http://127.0.0.1:{port}"
+        engine = InjectedEngine(str(run / "model"), str(run / "adapter"))  # in process, the live gate
+        pngs = [base64.b64encode(_png(shared_data, i)).decode() for i in range(3)]
+        for task in ("pneumonia", "normal_cxr", "pneumonia"):
+            for png in pngs:
+                body = {"task": task, "modality": "image", "image": png}
+                a = requests.post(f"{url}/live/v1/classify", json=body, timeout=60).json()
+                b = requests.post(f"{url}/folded/v1/classify", json=body, timeout=60).json()
+                ref = engine.classify(task, "image", image=base64.b64decode(png))
+                assert a["gate"] == "live" and b["gate"] == "folded" and a["label"] == b["label"] == ref["label"]
+                for word, p in ref["probabilities"].items():
+                    assert a["probabilities"][word] == pytest.approx(p, abs=1e-5)
+                    assert b["probabilities"][word] == pytest.approx(p, abs=1e-5)
+        row = [float(v) for v in np.random.default_rng(0).normal(10, 3, 30)]
+        gen = {"task": "benign_mass", "features": row, "max_new_tokens": 3}
+        a = requests.post(f"{url}/live/v1/generate", json=gen, timeout=60)
+        b = requests.post(f"{url}/folded/v1/generate", json=gen, timeout=60)
+        assert a.status_code == b.status_code == 200 and a.json()["text"] == b.json()["text"]
+        assert a.json()["task"] == "benign_mass"
+        models = requests.get(f"{url}/live/v1/models", timeout=30).json()["data"][0]
+        assert models["kind"] == "injected" and models["tasks"]["normal_cxr"] == {"modality": "image", "seen": False}
+        # Bad requests are 4xx JSON errors naming the fix.
+        bad = [({"task": "nope", "image": pngs[0]}, 404, "unknown task"),
+               ({"task": "pneumonia", "modality": "tabular", "image": pngs[0]}, 422, "reads image inputs"),
+               ({"task": "breast_cancer", "features": [1.0, 2.0]}, 422, "features must be 30 numbers"),
+               ({"task": "pneumonia", "features": row}, 422, "send image"),
+               ({"image": pngs[0]}, 422, "send task")]
+        for body, status, needle in bad:
+            r = requests.post(f"{url}/live/v1/classify", json=body, timeout=60)
+            assert r.status_code == status and needle in r.json()["error"], (body, r.text)
+    finally:
+        serve.shutdown()
 
 
 def test_fedplug_and_fedplugl_train_at_the_m3oe_budget(federated_multimodal, tmp_path) -> None:

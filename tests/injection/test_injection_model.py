@@ -127,3 +127,40 @@ def json_of(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_engine_live_gate_and_folded_lora_give_the_same_answers_and_clear_errors(tmp_path) -> None:
+    import io
+
+    from PIL import Image
+
+    from ray_med.errors import DataError
+    from ray_med.injection.engine import InjectedEngine
+
+    model, tok = _parts(tmp_path)
+    tasks = {"pneumonia": PNEUMONIA, "normal_cxr": NORMAL}
+    save_injected(model, tmp_path / "model", llm_dir=tmp_path / "llm", encoder_dirs={"image": str(tmp_path / "enc")},
+                  tasks=tasks, method="m3oe")
+    model.m3oe.save(tmp_path / "adapter")
+    for name in tasks:
+        fold_task(model, tok, tasks[name], tmp_path / "folded" / name)
+    live = InjectedEngine(str(tmp_path / "model"), str(tmp_path / "adapter"))
+    folded = InjectedEngine(str(tmp_path / "model"), gate="folded", folded_dir=str(tmp_path / "folded"))
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+        for task in ("pneumonia", "normal_cxr"):
+            a = live.classify(task, "image", image=buf.getvalue())
+            b = folded.classify(task, image=buf.getvalue())
+            assert a["label"] == b["label"] and (a["gate"], b["gate"]) == ("live", "folded")
+            for word in a["probabilities"]:
+                assert abs(a["probabilities"][word] - b["probabilities"][word]) < 1e-5
+            assert live.generate(task, image=buf.getvalue(), max_new_tokens=4)["text"] == \
+                folded.generate(task, image=buf.getvalue(), max_new_tokens=4)["text"]
+    assert folded.host.loaded == ["pneumonia", "normal_cxr"]
+    for kwargs, needle in [(dict(task_name="nope", image=b"x"), "unknown task"),
+                           (dict(task_name="pneumonia", modality="text", text="a note"), "reads image inputs"),
+                           (dict(task_name="pneumonia", features=[1.0]), "send image")]:
+        with pytest.raises(DataError, match=needle):
+            live.classify(**kwargs)

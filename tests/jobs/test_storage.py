@@ -288,7 +288,8 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
     # image stages' storage round trip is S3's to show): it keeps the suite's time down.
     image_stages = scheme == "s3"
     if not image_stages:
-        args += ["multimodal.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false"]
+        args += ["multimodal.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false",
+                 "inject.enabled=false"]
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
@@ -298,7 +299,8 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
              fs.get_file_info(pafs.FileSelector(prefix, recursive=True)) if i.type == pafs.FileType.File}
     runs = {p.split("/", 1)[0].rsplit("-", 1)[0]: p.split("/", 1)[0] for p in files}
     outputs = [("corpus", "tokenizer"), ("pretrain", "model"), ("finetune-domain", "adapter"), ("finetune", "adapter")]
-    for stage, output in outputs + ([("multimodal", "model"), ("federated", "global/image")] if image_stages else []):
+    for stage, output in outputs + ([("multimodal", "model"), ("federated", "global/image"), ("inject", "model")]
+                                    if image_stages else []):
         assert f"{runs[stage]}/{output}/{MARKER}" in files, (stage, sorted(files))
     assert f"{runs['pretrain']}/model/model.safetensors" in files
     assert {f"{runs['finetune']}/metrics.json", f"{runs['finetune']}/predictions.jsonl"} <= files

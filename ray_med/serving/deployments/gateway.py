@@ -135,6 +135,8 @@ class GatewayEndpoints:
         # From the model's config.json alone (a remote folder is not downloaded): which
         # requests may carry images, and which endpoints the model answers.
         self.multimodal = cfg.model_multimodal()
+        self.injected = cfg.model_injected()
+        self.injected_tasks = cfg.injected_tasks() if self.injected else {}
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return make_api(self, self.cfg, self.api_key)
@@ -188,6 +190,10 @@ class GatewayEndpoints:
             data.append({"id": self.cfg.base_name, "object": "model", "owned_by": "ray_med", "kind": "base"})
             if self.multimodal:
                 data[-1]["modalities"] = ["text", "image"]
+            if self.injected:
+                data[-1]["kind"] = "injected"
+                data[-1]["tasks"] = {n: {"modality": t["modality"], "seen": t["seen"]}
+                                     for n, t in self.injected_tasks.items()}
         data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "lora", "parent": self.cfg.base_name}
                  for n in self.cfg.adapters]
         data += [{"id": n, "object": "model", "owned_by": "ray_med", "kind": "classifier"}
@@ -204,7 +210,36 @@ class GatewayEndpoints:
         result = await self._lm(adapter).qa.remote(body)
         return {**result.to_dict(), "adapter": adapter}
 
+    def _injected_task(self, task: str | None, modality: str | None) -> str:
+        if not task:
+            raise HTTPError(422, f"the injected model answers a task: send task (one of {sorted(self.injected_tasks)})")
+        if task not in self.injected_tasks:
+            raise HTTPError(404, f"unknown task {task!r}; the injected model knows {sorted(self.injected_tasks)}",
+                            "unknown_task")
+        want = self.injected_tasks[task]["modality"]
+        if modality is not None and modality != want:
+            raise HTTPError(422, f"task {task} reads {want} inputs, not {modality}")
+        return task
+
+    def _injected_handle(self, task: str) -> DeploymentHandle:
+        # gate folded: the task is the multiplexed adapter id, so its LoRA stays cached on the replicas that use it
+        return self._lm(task if self.cfg.gate == "folded" else None)
+
+    async def classify_injected(self, body: ClassifyRequest) -> dict[str, Any]:
+        """/v1/classify on an injected model: its task's question about an image, a row of numbers or a note."""
+        task = self._injected_task(body.task, body.modality)
+        if body.text_pair is not None or body.adapter is not None:
+            raise HTTPError(422, "text_pair and adapter belong to the text classifiers; an injected model takes task, "
+                            "modality and image, features or text")
+        self._check_length(text=body.text)
+        if body.image is not None:
+            await asyncio.to_thread(check_image, body.image, max_chars=-(-self.cfg.max_image_bytes * 4 // 3) + 4,
+                                    max_pixels=self.cfg.max_image_pixels)
+        return await self._injected_handle(task).classify_injected.remote(body)
+
     async def classify(self, body: ClassifyRequest, request: Request) -> dict[str, Any]:
+        if self.injected:
+            return await self.classify_injected(body)
         if body.image is not None or body.task is not None:
             return await self.classify_image(body)
         if self.classifier is None and self.local is None:
@@ -243,6 +278,16 @@ class GatewayEndpoints:
         self._check_length(prompt=body.prompt)
         self._max_new(body.max_new_tokens)
         self._lm(None)  # a 404 first when there is no LM at all
+        if self.injected:
+            task = self._injected_task(body.task, body.modality)
+            if body.image is not None:
+                await asyncio.to_thread(check_image, body.image, max_chars=-(-self.cfg.max_image_bytes * 4 // 3) + 4,
+                                        max_pixels=self.cfg.max_image_pixels)
+            return await self._injected_handle(task).generate_injected.remote(body)
+        if body.task is not None or body.modality is not None or body.features is not None:
+            raise HTTPError(422, "task, modality and features are for an injected model (jobs/inject.py)")
+        if body.prompt is None:
+            raise HTTPError(422, "prompt is required")
         if body.image is not None:
             await self._check_images([body.image], "image")
         adapter = self._adapter(request, body.adapter, self.cfg.adapters, "adapter")

@@ -22,6 +22,7 @@ from ray import serve
 
 from ray_med.data import read_records
 from ray_med.evaluation.qa import QAResult
+from ray_med.injection.engine import InjectedEngine, is_injected
 from ray_med.models.vlm import is_vlm_folder
 from ray_med.serving.config import ServeAppConfig
 from ray_med.serving.deployments.replica import ComputeThread, adapter_cache, batched, raise_if_error
@@ -44,6 +45,13 @@ class LMServer:
         self.cfg = cfg
         self.thread = ComputeThread(cfg.lm)
         self.multimodal = is_vlm_folder(cfg.model)
+        self.injected = is_injected(cfg.model)
+        if self.injected:
+            self.inj = InjectedEngine(cfg.model, cfg.adapter, gate=cfg.gate, folded_dir=cfg.folded_dir)
+            # gate folded: the tasks' folded LoRAs, loaded on demand and evicted LRU (the multiplexed id is the task)
+            self.get_adapter = adapter_cache(self.thread, self.inj.load_adapter, self.inj.unload_adapter,
+                                             cfg.lm.max_adapters)
+            return
         if self.multimodal:
             self.vlm = VLMEngine(cfg.model)
             return
@@ -106,6 +114,19 @@ class LMServer:
         prompt = self.engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
         return await self.thread.run_cancellable(self.engine.complete, prompt, max_new_tokens=max_new_tokens,
                                                  temperature=req.temperature, seed=req.seed, adapter=adapter)
+
+    async def classify_injected(self, req: ClassifyRequest) -> dict[str, Any]:
+        """An injected model's answer to ``req.task`` about the request's image, features or text."""
+        await self._adapter()  # gate folded: the task's LoRA (the gateway sets the multiplexed id)
+        image = image_bytes(req.image) if req.image is not None else None
+        return await self.thread.run(self.inj.classify, req.task, req.modality, image=image, features=req.features,
+                                     text=req.text)
+
+    async def generate_injected(self, req: GenerateRequest) -> dict[str, Any]:
+        await self._adapter()
+        image = image_bytes(req.image) if req.image is not None else None
+        return await self.thread.run(self.inj.generate, req.task, req.modality, max_new_tokens=req.max_new_tokens,
+                                     image=image, features=req.features, text=req.prompt)
 
     async def classify_image(self, req: ClassifyRequest) -> dict[str, Any]:
         """Label and probabilities of ``req.image`` under the multimodal task ``req.task`` (text: its question)."""
