@@ -53,7 +53,7 @@ def tiny_stage_overrides() -> list[str]:
         "multimodal.overrides=[tasks.0.limit=64, tasks.1.limit=16, train.max_steps=2, train.batch_size=8, "
         "train.max_length=160, eval.0.limit=40, bootstrap=50, scaling.num_workers=0]",
         "federated.overrides=[rounds=2, bootstrap=50]",
-        "inject.overrides=[train.max_steps=3, unseen=[], bootstrap=20, scaling.num_workers=0]",
+        "inject.overrides=[train.max_steps=3, bootstrap=20, scaling.num_workers=0]",
     ]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_med.data import read_records
+from ray_med.data.config import resolve_path
 from ray_med.data.readers import medmnist_splits, reader_options
 from ray_med.errors import ConfigError, DataError
 from ray_med.evaluation.config import EvalOutputs, MultimodalEvalConfig
@@ -39,7 +40,8 @@ def multimodal_task(cfg: MultimodalEvalConfig) -> EvalOutputs:
 
 def injected_task(cfg: MultimodalEvalConfig) -> EvalOutputs:
 
-    if not Path(cfg.data).exists():
+    data_path = resolve_path(cfg.data)  # pkg://sklearn/... names the breast-cancer CSV scikit-learn ships
+    if not Path(data_path).exists():
         raise DataError(f"{cfg.data}: file not found")
     model, tokenizer, tasks = load_injected(cfg.model, cfg.adapter)
     if cfg.task not in tasks:
@@ -55,9 +57,9 @@ def injected_task(cfg: MultimodalEvalConfig) -> EvalOutputs:
         if "splits" not in reader_options(cfg.format):
             raise DataError(f"--split applies to files with splits (medmnist), not the {cfg.format} reader")
         options = {"splits": [cfg.split]}
-    elif cfg.format == "medmnist" and len(medmnist_splits(cfg.data)) > 1:
-        raise DataError(f"{cfg.data} holds the splits {medmnist_splits(cfg.data)}: pick one with --split")
-    records = read_records(cfg.format, cfg.data, options=options).records
+    elif cfg.format == "medmnist" and len(medmnist_splits(data_path)) > 1:
+        raise DataError(f"{cfg.data} holds the splits {medmnist_splits(data_path)}: pick one with --split")
+    records = read_records(cfg.format, data_path, options=options).records
     data = task_data(source, records, labels=task.labels)
     if cfg.limit is not None:
         data = data.take(np.arange(min(cfg.limit, len(data.y))))

@@ -13,18 +13,19 @@ M3OE, each task's gate entropy.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from ray_med.data.task_mixture import MixtureSettings, plan_epoch, shard
+from ray_med.adapters.m3oe import GateStats, load_balance_loss
+from ray_med.data.task_mixture import MixtureSettings
 from ray_med.evaluation.metrics import classification_metrics
 from ray_med.injection.config import InjectTrainSettings
 from ray_med.injection.model import InjectedModel, Item, choice_probs, collate, last_logits, to_device
-from ray_med.training.loop import Checkpointer, LoopSettings, StepResult, run_loop
-from ray_med.training.trainable import TrainableState
+from ray_med.training.loop import Checkpointer
+from ray_med.training.mixture_fit import fit_mixture
 
 
 def task_auroc(probs: np.ndarray, items: list[Item], n_bootstrap: int = 0, seed: int = 0) -> dict[str, Any]:
@@ -35,8 +36,6 @@ def task_auroc(probs: np.ndarray, items: list[Item], n_bootstrap: int = 0, seed:
 
 def dev_metrics(model: InjectedModel, dev: dict[str, list[Item]], pad: int, batch_size: int) -> dict[str, float]:
     """dev_<task>_auroc, dev_auroc (their mean) and, for M3OE, gate_<task>_entropy."""
-    from ray_med.adapters.m3oe import GateStats  # lazy: the adapters package imports peft
-
     stats = GateStats() if model.m3oe is not None else None
     out: dict[str, float] = {}
     aurocs = []
@@ -72,63 +71,20 @@ def train_injection(
     on_step: Callable[[Any], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Train the projectors and the adapter until the epochs (or max_steps) end or dev stops improving."""
-    from ray_med.adapters.m3oe import load_balance_loss  # lazy: as above
-
-    rank, world = shard_of
-    sizes = {t: len(v) for t, v in train.items()}
-    n_batches = max(world, sum(sizes.values()) // cfg.batch_size)
-    steps_per_epoch = n_batches // world
-    total = cfg.max_steps or max(1, steps_per_epoch * cfg.epochs)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps
-        else max(0.0, (total - s) / max(1, total - cfg.warmup_steps)),
-    )
     runner = wrap(model) if wrap is not None else model
     device = next(model.llm.parameters()).device
-    mixture = MixtureSettings(min_per_task_per_batch=1 if cfg.batch_size >= len(sizes) else 0)
+    mixture = MixtureSettings(min_per_task_per_batch=1 if cfg.batch_size >= len(train) else 0)
     k = top_k or (model.m3oe.cfg.experts if model.m3oe is not None else 1)
 
-    def step(batch: list[Item], boundary: bool) -> StepResult:
+    def loss_of(batch: list[Item]) -> tuple[torch.Tensor, int]:
         b = to_device(collate(batch, pad), device)
         logits, gate = last_logits(runner, b)
         loss = torch.nn.functional.cross_entropy(logits, b["gold_token"])
         if gate is not None and load_balance > 0:
             loss = loss + load_balance * load_balance_loss(gate.probs, k)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return StepResult(loss.detach(), int(b["attention_mask"].sum()), float(norm), lr, samples=len(batch))
+        return loss, int(b["attention_mask"].sum())
 
-    def batches(epoch: int, skip: int) -> Iterator[list[Item]]:
-        plan = plan_epoch(sizes, mixture, batch_size=cfg.batch_size, n_batches=n_batches, seed=seed, epoch=epoch)
-        for i, pairs in enumerate(shard(plan, rank, world)):
-            if i >= skip:
-                yield [train[t][j] for t, j in pairs]
-
-    weights = TrainableState(params, opt, sched, rank=rank, keep_best=True)
-    settings = LoopSettings(
-        name="inject", max_steps=cfg.max_steps, epochs=None if cfg.max_steps else cfg.epochs,
-        log_every=cfg.log_every, eval_every=cfg.max_steps if cfg.max_steps and cfg.max_steps <= steps_per_epoch else 0,
-        per_epoch=True, monitor="dev_auroc", patience=cfg.patience, keep_best=True, total_steps=total, world=world,
-    )
-    settings.checkpoint_every = settings.eval_every
-
-    def publish(metrics: dict[str, Any], checkpoint: Any) -> None:
-        if checkpoints is not None:
-            checkpoints.report(metrics, checkpoint)
-
-    runner.train()
-    state = run_loop(
-        settings, step=step, batches=batches, evaluate=lambda: dev_metrics(model, dev, pad, cfg.batch_size * 2),
-        report=publish, save=checkpoints.saver(weights.write) if checkpoints is not None else None,
-        load=checkpoints.loader(weights.read) if checkpoints is not None else (lambda: None),
-        reduce_mean=reduce_mean, on_best=weights.snapshot, restore_best=weights.restore, log=log, on_step=on_step,
-    )
-    return {"history": state.history, "best_dev": state.best, "best_step": state.best_step,
-            "best_epoch": state.best_epoch, "steps": state.step, "stopped_early": state.stopped_early,
-            "steps_per_epoch": steps_per_epoch}
+    return fit_mixture(model, train, cfg, mixture, loss_of=loss_of,
+                       evaluate=lambda: dev_metrics(model, dev, pad, cfg.batch_size * 2), monitor="dev_auroc",
+                       name="inject", seed=seed, shard_of=shard_of, checkpoints=checkpoints, reduce_mean=reduce_mean,
+                       log=log, on_step=on_step)

@@ -66,12 +66,10 @@ def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(m3oe_ru
     assert all(adapter_type(run / "folded" / t) == "LORA" for t in SEEN | UNSEEN)
     # evaluate.py multimodal on the saved folder: the live gate and the folded LoRA give the same numbers.
     data = "pkg://sklearn/datasets/data/breast_cancer.csv"
-    from ray_med.data.config import resolve_path
-
     lines = []
     for adapter in (run / "adapter", run / "folded" / "benign_mass"):
         assert _main("evaluate")(["multimodal", "--model", str(run / "model"), "--adapter", str(adapter),
-                                  "--task", "benign_mass", "--data", resolve_path(data), "--format",
+                                  "--task", "benign_mass", "--data", data, "--format",
                                   "breast_cancer_csv", "--limit", "80", "--bootstrap", "20"]) == 0
         lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert lines[0]["n"] == 80 and lines[0]["seen"] is False

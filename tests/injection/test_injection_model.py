@@ -147,7 +147,7 @@ def test_engine_live_gate_and_folded_lora_give_the_same_answers_and_clear_errors
     live = InjectedEngine(str(tmp_path / "model"), str(tmp_path / "adapter"))
     folded = InjectedEngine(str(tmp_path / "model"), gate="folded", folded_dir=str(tmp_path / "folded"))
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for _ in range(3):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
         for task in ("pneumonia", "normal_cxr"):

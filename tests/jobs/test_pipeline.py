@@ -137,17 +137,21 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, ti
     # no training step is taken), and the same tables are printed.
     assert _pipeline_main()(args) == 0
     again = capsys.readouterr().out
-    assert again.count("cached: ") == 8 and "pretraining finished" not in again
+    assert again.count("cached: ") == 9 and "pretraining finished" not in again
     assert "| pneumonia | 40 |" in again and "gold label" in again.split("== stage: serve_vlm ==")[1]
     assert "| abstracts |" in again and "pubmedqa_rf test metrics (50 examples" in again
     federated = again.split("== stage: federated ==")[1]
-    assert "| 2 | 5/5 | 0 | image " in federated and "image test: macro AUROC" in federated
+    assert "| 2 | 5/5 | 0 | image " in federated and "tabular test: macro AUROC" in federated
+    # The injection stage reads the federation's encoders; cached, it prints its table and the gate again.
+    inject = again.split("== stage: inject ==")[1]
+    assert "| pneumonia (seen) |" in inject and "| normal_cxr (unseen) |" in inject
+    assert "gate breast_cancer: entropy" in inject and "expert usage [" in inject
     assert all(_attempts(d) == 1 for d in stages.values())
     assert (pre_dir / "metrics.json").stat().st_mtime_ns == trained
 
     # A changed override of the downstream stage reruns it (and what comes after it), nothing before.
     changed = [a.replace("train.epochs=1", "train.epochs=2") for a in args]
-    changed += ["serve.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false"]
+    changed += ["serve.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false", "inject.enabled=false"]
     assert _pipeline_main()(changed) == 0
     third = capsys.readouterr().out
     for stage in ("data", "pretrain", "domain"):

@@ -329,10 +329,13 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
                             text=True, timeout=300)
         assert ev.returncode == 0, (ev.stdout + ev.stderr)[-3000:]
         assert json.loads(ev.stdout.strip().splitlines()[-1])["n"] == 270
+        # The injection stage read the federated encoders from the storage (the federation's folders are its
+        # only copy) and wrote its model and folded LoRAs there.
+        assert {f"{runs['inject']}/folded/pneumonia/adapter_config.json", f"{runs['inject']}/metrics.json"} <= files
     else:
         assert "multimodal" not in runs and "federated" not in runs
 
     # The same command again: every stage's outputs are complete in the storage, so all are reused.
     again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert again.stdout.count("cached: ") == (8 if image_stages else 5) and "rerun:" not in again.stdout
+    assert again.stdout.count("cached: ") == (9 if image_stages else 5) and "rerun:" not in again.stdout
