@@ -256,7 +256,7 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
     summary = {"rounds": state.log, "test": test, "stopped": state.stopped, "clients": n_clients,
                "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "sizes": sizes, "epsilon": state.log[-1].get("epsilon") if state.log else None}
-    storage.write_text("rounds.json", json.dumps(summary, indent=2, default=_json) + "\n")
+    storage.write_text("rounds.json", json.dumps(summary, indent=2, default=json_default) + "\n")
     with storage.local_dir("plots") as folder:
         write_plots(state.log, folder)
     for mod, m in test.items():
@@ -271,7 +271,8 @@ def _point(m: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in m.items() if not k.endswith("_ci")}
 
 
-def _json(x: Any) -> Any:
+def json_default(x: Any) -> Any:
+    """``json.dumps``'s ``default`` for numpy values; NaN and infinities as null (the file stays JSON)."""
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.floating | float):

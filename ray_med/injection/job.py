@@ -45,7 +45,7 @@ from ray_med.config import load_config
 from ray_med.errors import ConfigError, DataError
 from ray_med.federated.config import FederatedConfig
 from ray_med.federated.data import modality_arrays
-from ray_med.federated.job import run_federated
+from ray_med.federated.job import json_default, run_federated
 from ray_med.federated.models import load_modality
 from ray_med.federated.partition import fedkim_split
 from ray_med.injection.config import InjectConfig, InjectOutputs
@@ -278,7 +278,7 @@ def inject_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     out.write_text("gate_stats.json", json.dumps(gate, indent=2) + "\n")
     metrics["gate"] = gate
     out.write_text("metrics.json", json.dumps({**metrics, "history": result["history"]}, indent=2,
-                                              default=_json) + "\n")
+                                              default=json_default) + "\n")
     return metrics
 
 
@@ -297,16 +297,6 @@ def _load_adapter_weights(model: Any, folder: Path, method: str) -> None:
         model.m3oe.load_weights(folder)
     elif method == "fedplugl":
         set_peft_model_state_dict(model.llm, load_file(str(folder / "adapter_model.safetensors")))
-
-
-def _json(x: Any) -> Any:
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.floating | float):
-        return None if not np.isfinite(x) else float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON: {type(x).__name__}")
 
 
 def check_config(cfg: InjectConfig) -> None:
