@@ -49,14 +49,14 @@ class InjectedEngine:
         self.gate = gate
         self.folded_dir = folded_dir
         cfg = read_injected_config(model_dir)
-        self.encoders = {m: v for m, v in cfg["modalities"].items()}
         if gate == "live":
             self.model, self.tokenizer, self.tasks = load_injected(model_dir, adapter or None)
             self.host = None
         else:
             self.model, self.tokenizer, self.tasks = load_injected(model_dir)
             self.host = AdapterHost(self.model.llm)
-        self._enc_cfg = {m: _read_json(Path(model_dir) / "encoders" / m / "config.json") for m in self.encoders}
+        self._enc_cfg = {m: json.loads((Path(model_dir) / "encoders" / m / "config.json").read_text())
+                         for m in cfg["modalities"]}
         self.encoder = Encoder(self.tokenizer, self.tasks, self.model.modality_texts, self.model.n_tokens)
 
     # ------------------------------------------------------------------ adapters (folded mode)
@@ -147,7 +147,3 @@ class InjectedEngine:
 
 def is_injected(model_dir: str) -> bool:
     return (Path(model_dir) / CONFIG_FILE).is_file()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())

@@ -113,9 +113,10 @@ def _sample(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
 def prepare_data(cfg: InjectConfig, global_dir: str, out_uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(summary, data): runs as one Ray task; the arrays stay in the object store."""
     specs = task_specs(cfg, global_dir)
+    raws = {m: _modality_config(global_dir, m) for m in {s.modality for s in specs.values()}}
     data: dict[str, Any] = {"train": {}, "dev": {}, "test": {}}
     for name, spec in specs.items():
-        raw = _modality_config(global_dir, spec.modality)
+        raw = raws[spec.modality]
         src = raw["source"]
         arr = modality_arrays(src["task"], src["path"], src["split"], spec.modality,
                               image_size=int(raw.get("image_size", 28)), max_length=int(raw.get("max_length", 128)),
@@ -158,13 +159,18 @@ class WorkerSpec:
     """Interleaved rounds: the output folder whose projectors and adapter this epoch starts from."""
 
 
-def lora_rank_for_budget(llm: Any, target_modules: list[str], budget: int) -> int:
-    """The plain LoRA rank whose parameters on ``target_modules`` come closest to ``budget`` (at least 1)."""
+def _target_width(llm: Any, target_modules: list[str]) -> int:
+    """Sum of in + out features of the LLM's linear layers named in ``target_modules`` (a rank-1 LoRA's size)."""
     width = sum(m.in_features + m.out_features for n, m in llm.named_modules()
                 if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in target_modules)
     if width == 0:
         raise ConfigError(f"adapter.target_modules {target_modules} match no linear layer of the LLM")
-    return max(1, round(budget / width))
+    return width
+
+
+def lora_rank_for_budget(llm: Any, target_modules: list[str], budget: int) -> int:
+    """The plain LoRA rank whose parameters on ``target_modules`` come closest to ``budget`` (at least 1)."""
+    return max(1, round(budget / _target_width(llm, target_modules)))
 
 
 def inject_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -284,8 +290,7 @@ def inject_worker(config: dict[str, Any]) -> dict[str, Any] | None:
 
 def _m3oe_budget(llm: Any, m3oe_cfg: Any) -> int:
     """M3OE's trainable parameters on this LLM (experts + router), computed without building it."""
-    width = sum(m.in_features + m.out_features for n, m in llm.named_modules()
-                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in m3oe_cfg.target_modules)
+    width = _target_width(llm, list(m3oe_cfg.target_modules))
     hidden = llm.get_input_embeddings().embedding_dim
     gate_dim = m3oe_cfg.gate_dim or hidden
     return m3oe_cfg.experts * m3oe_cfg.r * width + 3 * hidden * gate_dim + gate_dim * m3oe_cfg.experts

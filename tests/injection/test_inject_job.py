@@ -155,6 +155,17 @@ def test_fedplug_and_fedplugl_train_at_the_m3oe_budget(federated_multimodal, tmp
     assert lora["trainable"] - lora["adapter_params"] == plug["trainable"]  # the same projectors
 
 
+def test_two_workers_train_in_lockstep_and_score_once(federated_multimodal, tmp_path) -> None:
+    # 339 public items, batch 16: each of the 2 ranks takes every 2nd batch of the seeded plan (DDP).
+    run = _inject(tmp_path, federated_multimodal, "tiny_m3oe.yaml", "train.max_steps=4", "scaling.num_workers=2",
+                  "bootstrap=20")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["workers"] == 2 and metrics["steps"] == 4
+    # Rank 0 alone scores test, every item once.
+    assert metrics["test"]["pneumonia"]["n"] == 242 and metrics["test"]["breast_cancer"]["n"] == 57
+    assert adapter_type(run / "adapter") == "M3OE"
+
+
 def test_interleaved_rounds_alternate_federated_rounds_and_injection_epochs(shared_data, ray_session, tmp_path,
                                                                              capsys) -> None:
     fed = REPO / "jobs/configs/federated/tiny_multimodal.yaml"

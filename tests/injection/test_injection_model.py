@@ -84,6 +84,18 @@ def _parts(tmp_path, experts: int = 3):
     return model.eval(), tok
 
 
+def _saved(tmp_path):
+    """The M3OE model of ``_parts`` saved as jobs/inject.py saves it: model/, adapter/, folded/<task>/."""
+    model, tok = _parts(tmp_path)
+    tasks = {"pneumonia": PNEUMONIA, "normal_cxr": NORMAL}
+    save_injected(model, tmp_path / "model", llm_dir=tmp_path / "llm", encoder_dirs={"image": str(tmp_path / "enc")},
+                  tasks=tasks, method="m3oe")
+    model.m3oe.save(tmp_path / "adapter")
+    for name in tasks:
+        fold_task(model, tok, tasks[name], tmp_path / "folded" / name)
+    return model, tasks
+
+
 def test_placeholders_carry_the_projected_encoder_vector(tmp_path) -> None:
     model, tok = _parts(tmp_path)
     enc = Encoder(tok, {"pneumonia": PNEUMONIA}, model.modality_texts, model.n_tokens)
@@ -99,13 +111,7 @@ def test_placeholders_carry_the_projected_encoder_vector(tmp_path) -> None:
 
 
 def test_saved_model_folds_each_task_to_a_lora_with_the_same_answers(tmp_path) -> None:
-    model, tok = _parts(tmp_path)
-    tasks = {"pneumonia": PNEUMONIA, "normal_cxr": NORMAL}
-    save_injected(model, tmp_path / "model", llm_dir=tmp_path / "llm", encoder_dirs={"image": str(tmp_path / "enc")},
-                  tasks=tasks, method="m3oe")
-    model.m3oe.save(tmp_path / "adapter")
-    for name in tasks:
-        fold_task(model, tok, tasks[name], tmp_path / "folded" / name)
+    model, tasks = _saved(tmp_path)
     x = np.random.default_rng(1).random((5, 3, 28, 28), dtype=np.float32)
     live, tok2, loaded_tasks = load_injected(tmp_path / "model", tmp_path / "adapter")
     assert loaded_tasks["normal_cxr"].seen is False and loaded_tasks["pneumonia"].options == ["no", "yes"]
@@ -137,13 +143,7 @@ def test_engine_live_gate_and_folded_lora_give_the_same_answers_and_clear_errors
     from ray_med.errors import DataError
     from ray_med.injection.engine import InjectedEngine
 
-    model, tok = _parts(tmp_path)
-    tasks = {"pneumonia": PNEUMONIA, "normal_cxr": NORMAL}
-    save_injected(model, tmp_path / "model", llm_dir=tmp_path / "llm", encoder_dirs={"image": str(tmp_path / "enc")},
-                  tasks=tasks, method="m3oe")
-    model.m3oe.save(tmp_path / "adapter")
-    for name in tasks:
-        fold_task(model, tok, tasks[name], tmp_path / "folded" / name)
+    model, tasks = _saved(tmp_path)
     live = InjectedEngine(str(tmp_path / "model"), str(tmp_path / "adapter"))
     folded = InjectedEngine(str(tmp_path / "model"), gate="folded", folded_dir=str(tmp_path / "folded"))
     rng = np.random.default_rng(0)
