@@ -35,6 +35,7 @@ from ray_med.runtime import RunContext, start_run
 from ray_med.serving.config import ServeCheckConfig, ServeCheckOutputs
 from ray_med.training.config import FinetuneConfig, FinetuneOutputs, PretrainConfig, PretrainOutputs
 from ray_med.training.multimodal_config import MultimodalConfig, MultimodalOutputs
+from ray_med.tuning.config import SweepConfig, SweepOutputs
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,9 @@ JOBS: dict[str, JobSpec] = {
         JobSpec("inject", InjectConfig, "ray_med.injection.job:run_inject", InjectOutputs,
                 "Inject the federated encoders into an LLM (FedKIM): M3OE, FedPlug or FedPlugL, seen and unseen tasks.",
                 default_config="jobs/configs/inject/tiny_m3oe.yaml"),
+        JobSpec("sweep", SweepConfig, "ray_med.tuning.sweep:run_sweep", SweepOutputs,
+                "A LoRA sweep on Ray Tune over the downstream stage: ASHA + TPE/random/grid, resumable, best exported.",
+                default_config="jobs/configs/sweep/tiny.yaml"),
         JobSpec("peft_report", PeftReportConfig, "ray_med.adapters.report:run_peft_report", PeftReportOutputs,
                 "Trainable parameters and their fraction for each PEFT method and setting.",
                 default_config="jobs/configs/peft_report/llama2_7b_table2.yaml", run_folder=False),

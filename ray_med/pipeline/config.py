@@ -42,8 +42,11 @@ class PipelineConfig:
         default_factory=lambda: StageConfig(config="jobs/configs/finetune/tiny_downstream.yaml")
     )
     """Stage-2 downstream adapter + classifier (needs pretrain; stacks domain's adapter when it ran)."""
+    sweep: StageConfig = field(default_factory=lambda: StageConfig(config="jobs/configs/sweep/tiny.yaml"))
+    """A short LoRA sweep (Ray Tune, ASHA) of the PubMedQA classifier on the pretrained model (needs pretrain)."""
     serve: StageConfig = field(default_factory=lambda: StageConfig(config="jobs/configs/serve_check/tiny.yaml"))
-    """Deploy the results with Ray Serve and ask every endpoint once (needs pretrain)."""
+    """Deploy the results with Ray Serve (the sweep's best classifier too) and ask every endpoint once (needs
+    pretrain)."""
     multimodal: StageConfig = field(
         default_factory=lambda: StageConfig(config="jobs/configs/multimodal/tiny_pneumonia.yaml")
     )

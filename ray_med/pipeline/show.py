@@ -16,6 +16,8 @@ from ray_med.serving.client import print_serve_check
 from ray_med.serving.config import ServeCheckOutputs
 from ray_med.training.config import FinetuneOutputs, PretrainOutputs
 from ray_med.training.multimodal_config import MultimodalOutputs
+from ray_med.tuning.config import SweepOutputs
+from ray_med.tuning.report import best_trial, rows_from_outputs, summary_table
 
 
 def format_perplexity(history: list[dict[str, Any]]) -> str:
@@ -107,6 +109,21 @@ def show_inject(out: InjectOutputs, cached: bool) -> None:
         lines.append(f"gate {task}: entropy {g['entropy']:.3f}, expert usage [{' '.join(f'{u:.2f}' for u in g['usage'])}]")
     lines.append(f"model:   {out.model_dir}")
     print("\n".join(lines))
+
+
+def show_sweep(out: SweepOutputs, cached: bool) -> None:
+    """The job prints its trials as they end; a cached stage prints the table and the best trial again."""
+    if not cached:
+        return
+    rows = rows_from_outputs(out.trials)
+    names = list(out.best_params) or sorted({k for r in rows for k in r.params})
+    print(summary_table(rows, names, best_trial(rows)))
+    t = out.test_metrics
+    if t:
+        lo, hi = t["auroc_macro_ci"]
+        print(f"best trial {out.best_trial}: best dev AUROC {_auroc(out.best_dev_auroc)}; its test macro AUROC "
+              f"{t['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}] on {t['n']} items")
+    print(f"best:    {out.best_dir}")
 
 
 def _auroc(x: float | None) -> str:

@@ -58,13 +58,20 @@ def _downstream(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
             format_override("data.root", _data_root(cfg))]
 
 
+def _sweep(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
+    return [format_override("model_path", up["pretrain"].model_dir), format_override("data_root", _data_root(cfg))]
+
+
 def _serve(cfg: PipelineConfig, up: dict[str, Any]) -> list[str]:
-    domain, downstream = up.get("domain"), up.get("downstream")
+    domain, downstream, sweep = up.get("domain"), up.get("downstream"), up.get("sweep")
     pubmedqa = next((s for s in cfg.corpus.sources if s.reader == "pubmedqa"), None)
+    classifiers = {"pubmedqa_rf": downstream.adapter_dir} if downstream else {}
+    if sweep is not None:  # the sweep's best classifier, exported in the classifier format, served beside it
+        classifiers["pubmedqa_rf_sweep"] = f"{sweep.best_dir}/adapter"
     out = [
         format_override("args.model", up["pretrain"].model_dir),
         "args.adapters=" + json.dumps({"mtsamples": domain.adapter_dir} if domain else {}),
-        "args.classifiers=" + json.dumps({"pubmedqa_rf": downstream.adapter_dir} if downstream else {}),
+        "args.classifiers=" + json.dumps(classifiers),
         format_override("data_root", _data_root(cfg)),
     ]
     if pubmedqa is not None:
@@ -105,8 +112,12 @@ STAGES: tuple[Stage, ...] = (
           "domain adapter stacked under it; test-split metrics with bootstrap CIs", needs=("pretrain",),
           uses=("pretrain", "domain"), handoff=_downstream, show=show.show_downstream,
           artifacts=lambda out: [out.adapter_dir]),
-    Stage("serve", "serve_check", "the Serve app on the pretrained model, the domain adapter and the classifier; "
-          "one request to every endpoint", needs=("pretrain",), uses=("pretrain", "domain", "downstream"), handoff=_serve, show=show.show_serve),
+    Stage("sweep", "sweep", "a short LoRA sweep of the PubMedQA classifier on Ray Tune over Ray Train (ASHA "
+          "stops weak trials); the trial table and the best trial, exported ready to serve", needs=("pretrain",),
+          uses=("pretrain",), handoff=_sweep, show=show.show_sweep, artifacts=lambda out: [f"{out.best_dir}/adapter"]),
+    Stage("serve", "serve_check", "the Serve app on the pretrained model, the domain adapter and the classifiers "
+          "(the sweep's best too); one request to every endpoint", needs=("pretrain",),
+          uses=("pretrain", "domain", "downstream", "sweep"), handoff=_serve, show=show.show_serve),
     Stage("multimodal", "multimodal", "the multimodal model (Med-PaLM M as LLaVA): the pretrained LM under a tiny "
           "vision tower, trained on PneumoniaMNIST + PubMedQA; held-out macro AUROC with its CI",
           uses=("pretrain",), handoff=_multimodal, show=show.show_multimodal,

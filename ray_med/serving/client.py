@@ -26,9 +26,10 @@ def call(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: fl
 
 
 def demo_requests(url: str, *, question: str, context: str | None, classify_text: str,
-                  classify_pair: str | None, classifier: str, adapter: str | None,
+                  classify_pair: str | None, classifiers: list[str], adapter: str | None,
                   api_key: str | None = None) -> list[dict[str, Any]]:
-    """One request to every endpoint (each QA mode once); each row: endpoint, request, status, response.
+    """One request to every endpoint (each QA mode once, each classifier once); each row: endpoint, request,
+    status, response.
 
     ``api_key``: sent as ``Authorization: Bearer <key>`` when the server asks for one.
     """
@@ -39,7 +40,8 @@ def demo_requests(url: str, *, question: str, context: str | None, classify_text
         ("/v1/qa", {**qa, "mode": "top_token"}),
         ("/v1/qa", {**qa, "mode": "cot", "adapter": adapter}),
         ("/v1/qa", {**qa, "mode": "sc_cot", "n": 5, "temperature": 0.8, "seed": 0}),  # seeded: the same log each run
-        ("/v1/classify", {"text": classify_text, "text_pair": classify_pair, "adapter": classifier}),
+        *(("/v1/classify", {"text": classify_text, "text_pair": classify_pair, "adapter": name})
+          for name in classifiers or [""]),
         ("/v1/generate", {"prompt": "Chest X-ray shows", "max_new_tokens": 24, "adapter": adapter}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "First-line treatment for "
                                                 "community-acquired pneumonia?"}], "max_tokens": 24}),

@@ -219,7 +219,7 @@ def run_serve_check(cfg: ServeCheckConfig, ctx: RunContext) -> ServeCheckOutputs
         else:
             rows = demo_requests(url, question=qa.question, context=qa.context, classify_text=rf.texts[0],
                                  classify_pair=rf.pairs[0] if rf.pairs else None,
-                                 classifier=next(iter(classifiers), ""), adapter=next(iter(adapters), None),
+                                 classifiers=list(classifiers), adapter=next(iter(adapters), None),
                                  api_key=api_key)
     written = None
     name = f"serve_{Path(cfg.serve_config).stem}.yaml"

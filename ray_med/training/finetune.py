@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ray_med.adapters.registry import METHODS, method_of_folder
@@ -30,8 +30,8 @@ from ray_med.errors import ConfigError
 from ray_med.evaluation.classify_eval import SPLITS_FILE
 from ray_med.models import load_config
 from ray_med.runtime import RunContext, Storage, init_ray, localize
-from ray_med.tasks import get_task, task_data
-from ray_med.tasks.classification import train_dev_test_split
+from ray_med.tasks import Task, get_task, task_data
+from ray_med.tasks.classification import Splits, TaskData, train_dev_test_split
 from ray_med.training.config import FinetuneConfig, FinetuneOutputs, PretrainConfig
 from ray_med.training.downstream_worker import DownstreamSpec, downstream_worker
 from ray_med.training.preflight import check_adapter, check_batches, meta_model
@@ -70,14 +70,43 @@ def _run_domain(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
                            history=history)
 
 
-def _run_downstream(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
+@dataclass
+class DownstreamInputs:
+    """The downstream stage's checked inputs: the config with its paths resolved, the task's data, its split."""
+
+    cfg: FinetuneConfig
+    task: Task
+    base_path: str
+    data_path: str
+    reader: str
+    split_seed: int
+    data: TaskData
+    splits: Splits
+
+    def splits_json(self) -> str:
+        """``splits.json``: the ids of every split (evaluate.py classify scores the test split from it)."""
+        d = self.cfg.data
+        split_ids = self.splits.ids(self.data)
+        return json.dumps({
+            "task": self.task.name, "data": self.data_path, "reader": self.reader, "seed": self.split_seed,
+            "dev_size": d.dev_size, "test_size": d.test_size,
+            "n": {k: len(v) for k, v in split_ids.items()}, **split_ids,
+        }, indent=1) + "\n"
+
+
+def prepare_downstream(cfg: FinetuneConfig, *, check: bool = True) -> DownstreamInputs:
+    """Check the folders and the adapter, read the task's data and split it (seeded, stratified).
+
+    Everything here runs before any worker starts: a typo should be one line, not a
+    worker-group traceback minutes later. ``check=False`` skips the per-config checks of
+    the adapter and the batch size (a sweep makes them once per trial).
+    """
     task = get_task(cfg.data.task)
     if not cfg.model.path:
         raise ConfigError("downstream: set model.path to the base model folder (a preset has no trained weights)")
     base_path = resolve_path(cfg.model.path)
-    # Check the folders here, before any worker starts: a typo should be one line, not a
-    # worker-group traceback minutes later. A folder in remote storage is downloaded once
-    # (runtime.localize's cache); the workers read it from the URI.
+    # A folder in remote storage is downloaded once (runtime.localize's cache); the
+    # workers read it from the URI.
     local_base = localize(base_path, what="model folder")
     load_config(local_base)
     if cfg.setting == "full" and cfg.domain_adapter:
@@ -90,34 +119,41 @@ def _run_downstream(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
         if method is None or not method.stackable:
             raise ConfigError(f"domain_adapter {cfg.domain_adapter}: a stage-1 adapter under a classifier must be "
                               f"one of {', '.join(m.name for m in METHODS.values() if m.stackable)}")
-    if cfg.setting == "adapter":
-        check_adapter(meta_model(replace(cfg.model, path=local_base)), cfg.adapter, task_type=None,
-                      stage="downstream")
     data_path = cfg.data.path
     if not data_path.startswith("pkg://") and not Path(data_path).expanduser().is_absolute():
         data_path = str(Path(cfg.data.root) / data_path)
     data_path = resolve_path(data_path)
-    records = read_records(cfg.data.reader or task.reader, data_path, on_error=cfg.data.on_error).records
+    reader = cfg.data.reader or task.reader
+    records = read_records(reader, data_path, on_error=cfg.data.on_error).records
     data = task_data(task, records)
     split_seed = cfg.run.seed if cfg.data.split_seed is None else cfg.data.split_seed
     splits = train_dev_test_split(data.y, cfg.data.dev_size, cfg.data.test_size, seed=split_seed)
-    train_idx, dev_idx = splits.train, splits.dev
-    check_batches(len(train_idx), batch_size=cfg.train.batch_size, workers=cfg.scaling.num_workers,
+    inputs = DownstreamInputs(cfg=cfg, task=task, base_path=base_path, data_path=data_path, reader=reader,
+                              split_seed=split_seed, data=data, splits=splits)
+    if check:
+        check_downstream(cfg, local_base, len(splits.train))
+    return inputs
+
+
+def check_downstream(cfg: FinetuneConfig, local_base: str, n_train: int) -> None:
+    """The checks that depend on the adapter and the batch size (a sweep's trials vary them)."""
+    if cfg.setting == "adapter":
+        check_adapter(meta_model(replace(cfg.model, path=local_base)), cfg.adapter, task_type=None,
+                      stage="downstream")
+    check_batches(n_train, batch_size=cfg.train.batch_size, workers=cfg.scaling.num_workers,
                   what="the training split", unit="items", fix="lower train.batch_size or scaling.num_workers")
+
+
+def _run_downstream(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
+    inputs = prepare_downstream(cfg)
+    cfg, task, data, splits = inputs.cfg, inputs.task, inputs.data, inputs.splits
     out_dir = cfg.output_dir or ctx.dir
     out = Storage.parse(out_dir)  # a local folder or a URI: every output goes through it
-    # The ids of every split, beside the metrics: evaluate.py classify scores the test split
-    # from it (not the whole file, which holds the training items too).
-    split_ids = splits.ids(data)
-    out.write_text(SPLITS_FILE, json.dumps({
-        "task": task.name, "data": data_path, "reader": cfg.data.reader or task.reader, "seed": split_seed,
-        "dev_size": cfg.data.dev_size, "test_size": cfg.data.test_size,
-        "n": {k: len(v) for k, v in split_ids.items()}, **split_ids,
-    }, indent=1) + "\n")
+    out.write_text(SPLITS_FILE, inputs.splits_json())
     init_ray(cfg.run)
     threads = threads_per_worker(cfg.scaling)
     spec = DownstreamSpec(
-        cfg=cfg, base_path=base_path, train=data.take(train_idx), dev=data.take(dev_idx),
+        cfg=cfg, base_path=inputs.base_path, train=data.take(splits.train), dev=data.take(splits.dev),
         test=data.take(splits.test),
         task_type=task.task_type, ordinal=task.ordinal, out_dir=out.uri, threads=threads,
     )

@@ -101,12 +101,14 @@ def build_trainer(
     keep_checkpoints: int = 2,
     datasets: dict[str, Any] | None = None,
     name: str | None = None,
+    callbacks: list[Any] | None = None,
 ) -> TorchTrainer:
     """A ``TorchTrainer`` running ``worker(worker_config)`` on ``scaling.num_workers`` workers.
 
     Run it with :func:`fit`, which turns a worker's user error into the driver's. ``name``
     (default: the run's) names Ray Train's run: a second fit under the same name resumes
     from the first's last checkpoint, so a job that fits several times names each.
+    ``callbacks`` are Ray Train callbacks (a sweep's trial passes Tune's ``TuneReportCallback``).
     """
     resources = {"CPU": threads, **scaling.resources_per_worker}
     return TorchTrainer(
@@ -122,6 +124,7 @@ def build_trainer(
             # Ray Train's own INFO lines (every report with its metrics, every checkpoint,
             # the worker group's start) stay in its log files; the job prints its progress.
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
         datasets=datasets or {},
         dataset_config=_ordered_ingest(),
