@@ -50,6 +50,8 @@ def tiny_stage_overrides() -> list[str]:
         "eval.max_sequences=4, checkpoint.every_steps=4, scaling.num_workers=0]",
         "domain.overrides=[lm.max_steps=4, lm.seq_len=64, eval.max_sequences=4, scaling.num_workers=0]",
         "downstream.overrides=[train.epochs=1, train.max_length=64, bootstrap=50, scaling.num_workers=0]",
+        # 2 trials of at most 2 epochs, side by side (a sweep's trials are Ray Train runs of their own).
+        "sweep.overrides=[search.num_samples=2, 'overrides=[domain_adapter=null, train.epochs=2, bootstrap=50]']",
         "multimodal.overrides=[tasks.0.limit=64, tasks.1.limit=16, train.max_steps=2, train.batch_size=8, "
         "train.max_length=160, eval.0.limit=40, bootstrap=50, scaling.num_workers=0]",
         "federated.overrides=[rounds=2, bootstrap=50]",

@@ -37,10 +37,14 @@ ALLOWED: dict[str, set[str]] = {
     "federated": BASE | {"runtime", "training"} | CORE,  # training: the shared loop runs each client's epochs
     # FedKIM's server: the federated encoders injected into an LLM (interleaved with the federated rounds).
     "injection": BASE | {"runtime", "training", "federated"} | CORE,
+    # LoRA sweeps on Ray Tune: the downstream stage's trials; serving: best/serve.yaml checked with Serve's schema.
+    "tuning": BASE | {"runtime", "training", "serving"} | CORE,
     # The application: the job table, the command line, the pipeline of jobs.
-    "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "federated", "injection", "pipeline"}
+    "registry": BASE | {"runtime", "runs", "corpus", "training", "serving", "federated", "injection", "tuning",
+                        "pipeline"}
     | CORE,
-    "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving", "federated", "injection"}
+    "pipeline": BASE | {"runtime", "runs", "registry", "corpus", "training", "serving", "federated", "injection",
+                        "tuning"}
     | CORE,
     "cli": BASE | {"runtime", "registry"},
 }
@@ -49,7 +53,7 @@ RAY_EDGES = {
     "corpus.build", "training.pretrain", "training.pretrain_worker", "training.downstream_worker",
     "training.worker", "training.trainer", "training.multimodal", "serving.app", "serving.deploy", "serving.deployments.replica",
     "serving.deployments.lm", "serving.deployments.classifier", "serving.deployments.gateway",
-    "federated.executor", "federated.server", "injection.job",
+    "federated.executor", "federated.server", "injection.job", "tuning.sweep",
 }
 DEEPSPEED = {"training.pretrain_worker"}
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The object-oriented API needs no display and no backend choice (cluster nodes have neither).
+from matplotlib.figure import Figure
+
 STATUSES = ("completed", "early_stopped", "stopped", "failed")
 METRIC = "dev_auroc"
 
@@ -142,13 +145,8 @@ def progress_line(trial_id: str, params: dict[str, Any], *, status: str, best: f
 
 def plot_curves(rows: Sequence[TrialRow], path: Path, *, stopper: str) -> None:
     """Dev AUROC against epoch for every trial; a stopped trial's last point is an x."""
-    # lazy: matplotlib takes a second to import and only the report needs it
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     best = best_trial(rows)
     for r in rows:
         if not r.history:
@@ -161,6 +159,7 @@ def plot_curves(rows: Sequence[TrialRow], path: Path, *, stopper: str) -> None:
             ax.plot(xs[-1], r.history[-1], marker="x", ms=9, mew=2, color=line.get_color())
     ax.plot([], [], "kx", ms=9, mew=2, label=f"stopped by {stopper}")
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("dev macro AUROC")
     ax.set_title("every trial's dev AUROC by epoch")
     ax.legend(loc="lower right", fontsize=8)
@@ -168,21 +167,15 @@ def plot_curves(rows: Sequence[TrialRow], path: Path, *, stopper: str) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_params(rows: Sequence[TrialRow], params: Sequence[str], folder: Path, *, log_scale: Sequence[str] = ()) -> None:
     """One plot per swept key: each trial's best dev AUROC against its value (stopped trials hollow)."""
-    # lazy: see plot_curves
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     scored = [r for r in rows if r.best is not None]
     for p in params:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig = Figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         values = [r.params.get(p) for r in scored]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:
@@ -201,4 +194,3 @@ def plot_params(rows: Sequence[TrialRow], params: Sequence[str], folder: Path, *
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(folder / f"{p.replace('.', '_')}.png", dpi=110)
-        plt.close(fig)

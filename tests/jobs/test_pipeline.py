@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -109,6 +110,17 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, ti
     assert serve_args["model"] == str(pre_dir / "model")
     assert serve_args["classifiers"]["pubmedqa_rf"] == str(down_dir / "adapter")
 
+    # The sweep stage tuned the same classifier on Ray Tune (2 trials, ASHA); its best trial was
+    # exported in the classifier format and the serve stage served it beside the stage-2 one.
+    (sweep_dir,) = tmp_path.glob("sweep-*")
+    trials = list(csv.DictReader((sweep_dir / "trials.csv").open()))
+    assert len(trials) == 2 and {t["status"] for t in trials} <= {"completed", "early_stopped", "stopped"}
+    assert sum(int(t["epochs_run"]) for t in trials) <= 4  # ASHA may stop one after epoch 1
+    assert (sweep_dir / "best" / "adapter" / "classifier.json").is_file()
+    assert "best trial " in out.split("== stage: sweep ==")[1] and "| trial | lr | r |" in out
+    assert serve_args["classifiers"]["pubmedqa_rf_sweep"] == str(sweep_dir / "best" / "adapter")
+    assert "pubmedqa_rf_sweep: " in served
+
     # The multimodal stage put the pretrained LM under a vision tower, scored the held-out
     # X-rays, and the serve_vlm stage sent a real chest X-ray to every image endpoint.
     (mm_dir,) = tmp_path.glob("multimodal-*")
@@ -137,7 +149,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, ti
     # no training step is taken), and the same tables are printed.
     assert _pipeline_main()(args) == 0
     again = capsys.readouterr().out
-    assert again.count("cached: ") == 9 and "pretraining finished" not in again
+    assert again.count("cached: ") == 10 and "pretraining finished" not in again
+    assert "| trial | lr | r |" in again.split("== stage: sweep ==")[1]
     assert "| pneumonia | 40 |" in again and "gold label" in again.split("== stage: serve_vlm ==")[1]
     assert "| abstracts |" in again and "pubmedqa_rf test metrics (50 examples" in again
     federated = again.split("== stage: federated ==")[1]

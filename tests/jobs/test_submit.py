@@ -116,7 +116,7 @@ def test_readme_cluster_commands(shared_data: Path, tmp_path: Path) -> None:
         command += [
             "tokenizer.vocab_size=512", "domain.enabled=false", "downstream.enabled=false", "serve.enabled=false",
             "multimodal.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false",
-            "inject.enabled=false",
+            "inject.enabled=false", "sweep.enabled=false",
             "pretrain.overrides=[train.max_steps=4, train.seq_len=64, train.log_every=1, checkpoint.every_steps=2, "
             "eval.every_steps=100, eval.max_sequences=4, scaling.num_workers=0]",
         ]

@@ -144,13 +144,13 @@ def test_a_sweep_whose_every_trial_fails_exits_2_with_the_first_error(ray_sessio
                                                                       shared_data: Path, tmp_path: Path,
                                                                       capsys) -> None:
     code = _job("sweep")(_args(tiny_base, shared_data, str(tmp_path),
-                               "space={adapter.target_modules: {choice: [[nope], [nada]]}}"))
+                               "space={adapter.target_modules: {choice: [[nope]]}}"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("sweep: error: every trial failed; the first: ")
-    assert "nope" in err[-1] or "nada" in err[-1]
+    assert "nope" in err[-1]
     (run_dir,) = tmp_path.glob("sweep-*")
-    assert [r["status"] for r in csv.DictReader((run_dir / "trials.csv").open())] == ["failed", "failed"]
+    assert [r["status"] for r in csv.DictReader((run_dir / "trials.csv").open())] == ["failed"]
 
 
 def test_an_unknown_key_in_the_space_fails_before_any_trial(tmp_path: Path, capsys) -> None:
