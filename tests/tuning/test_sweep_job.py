@@ -79,7 +79,7 @@ def test_a_killed_sweep_resumes_and_exports_the_best_trial(ray_session, tiny_bas
                 assert proc.poll() is None, first_log.read_text()[-3000:]
                 assert time.monotonic() < deadline, first_log.read_text()[-3000:]
                 time.sleep(1)
-            time.sleep(3)  # let Tune write the state it saves at every step of its loop
+            time.sleep(3)  # let Tune write the state it saves every second
         finally:
             proc.kill()  # SIGKILL: the driver is gone, and with it its trial actors and Train workers
             proc.wait()
