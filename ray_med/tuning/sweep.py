@@ -91,7 +91,6 @@ class TrialPlan:
     train_storage: str
     """Where the trials' Ray Train runs keep their checkpoints."""
     base_path: str
-    data_path: str
     task_type: str
     ordinal: bool
     n_train: int
@@ -318,8 +317,7 @@ def run_sweep(cfg: SweepConfig, ctx: RunContext) -> SweepOutputs:
     params = parse_space(cfg.space)
     check_space(FinetuneConfig, data, params)
     if cfg.search.algorithm == "grid":
-        n_grid = grid_size(params)
-        total: int | None = n_grid * cfg.search.samples
+        total: int | None = grid_size(params) * cfg.search.samples
     else:
         total = cfg.search.samples
     max_epochs = _max_epochs(base, params)
@@ -355,7 +353,7 @@ def run_sweep(cfg: SweepConfig, ctx: RunContext) -> SweepOutputs:
         format_override("domain_adapter", meta["domain_adapter"])])
     plan = TrialPlan(base=data, params=params, run=cfg.run, out=out.uri,
                      train_storage=Storage.parse(ctx.dir).join("train"), base_path=meta["base_path"],
-                     data_path=meta["data_path"], task_type=meta["task_type"], ordinal=meta["ordinal"],
+                     task_type=meta["task_type"], ordinal=meta["ordinal"],
                      n_train=meta["n"]["train"], threads=threads, prepared=prepared)
     trainable = tune.with_resources(tune.with_parameters(_trial, plan=plan), TRIAL_DRIVER_RESOURCES)
     stopper = "ASHA" if cfg.scheduler.name == "asha" else "the sweep"
@@ -420,14 +418,13 @@ def run_sweep(cfg: SweepConfig, ctx: RunContext) -> SweepOutputs:
         raise RayMedError("no trial finished with a classifier to export (every one was stopped or failed); "
                           "raise search.time_budget_s or scheduler.grace_period")
     metrics = _export_best(cfg, plan, best, meta, out)
-    plan_max_length = base.train.max_length
     lo, hi = metrics["auroc_macro_ci"]
     print(f"\nbest trial {best.trial_id}: best dev AUROC {best.best:.4f} at epoch {best.best_epoch}; "
           + ", ".join(f"{k}={v}" for k, v in best.params.items()))
     print(f"  its test macro AUROC {metrics['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}] on {metrics['n']} items "
           "(the test split: never trained or selected on)")
     print(f"best:    {out.join('best')}  (evaluate.py classify --model {out.join('best')} --max-length "
-          f"{plan_max_length}; serve run {out.join('best', 'serve.yaml')})")
+          f"{base.train.max_length}; serve run {out.join('best', 'serve.yaml')})")
     print(f"trials:  {out.join('trials.csv')}  plots: {out.join('plots')}")
     return replace(outputs, best_trial=best.trial_id, best_params=best.params, best_dev_auroc=best.best,
                    test_metrics={k: metrics[k] for k in ("auroc_macro", "auroc_macro_ci", "accuracy", "n")

@@ -134,3 +134,29 @@ def test_asha_never_stops_a_trial_at_its_last_epoch() -> None:
     # At its last epoch a trial is about to write its classifier: never stopped there.
     assert sched.on_trial_result(None, c, {"training_iteration": 1, "dev_auroc": 0.9}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, c, {"training_iteration": 2, "dev_auroc": 0.1}) == TrialScheduler.CONTINUE
+
+
+@pytest.mark.parametrize("algorithm", ["tpe", "random"])
+def test_the_searchers_propose_trial_configs_that_load(algorithm: str) -> None:
+    """Optuna's TPE (list choices travel as YAML text) and Tune's random generator, with no cluster."""
+    from ray_med.tuning.config import SweepConfig
+    from ray_med.tuning.sweep import _search_space, _searcher
+
+    params = parse_space({"train.lr": {"loguniform": [1e-4, 3e-3]}, "adapter.r": {"randint": [4, 8]},
+                          "adapter.target_modules": {"choice": [["query", "value"], ["query", "key", "value"]]}})
+    cfg = load_config(SweepConfig, None, [f"search.algorithm={algorithm}", "search.seed=3"])
+    searcher = _searcher(cfg)
+    space = _search_space(params, algorithm)
+    data = base_data(FinetuneConfig, BASE, OVERRIDES)
+    if algorithm == "tpe":
+        assert searcher.set_search_properties("dev_auroc", "max", space)
+        proposals = [searcher.suggest(f"t{i}") for i in range(4)]
+    else:
+        from ray.tune.search.variant_generator import generate_variants
+
+        proposals = [{k: v for k, v in variant[1].items()} for variant in generate_variants(space)]
+        proposals += [{k: v for k, v in variant[1].items()} for variant in generate_variants(space)]
+    for sampled in proposals:
+        trial = trial_config(FinetuneConfig, data, params, sampled)
+        assert 1e-4 <= trial.train.lr <= 3e-3 and 4 <= trial.adapter.r <= 8
+        assert trial.adapter.target_modules in (["query", "value"], ["query", "key", "value"])
