@@ -25,6 +25,7 @@ from ray_med.evaluation.metrics import classification_metrics
 from ray_med.tasks.classification import TaskData, class_weights
 from ray_med.training.config import ClassifyTrainConfig
 from ray_med.training.loop import Checkpointer, LoopSettings, StepResult, run_loop
+from ray_med.training.schedule import warmup_linear
 from ray_med.training.trainable import TrainableState
 
 
@@ -72,9 +73,7 @@ def train_classifier(
     steps_per_epoch = math.ceil(n // world / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps
-        else max(0.0, (total - s) / max(1, total - cfg.warmup_steps)),
-    )
+        opt, lambda s: warmup_linear(s, warmup_steps=cfg.warmup_steps, total_steps=total))
     runner = wrap(model) if wrap is not None else model
     y_train = torch.tensor(train.y)  # a copy: the labels may arrive read-only from the object store
     bce = task_type == "multilabel" or cfg.loss == "bce"

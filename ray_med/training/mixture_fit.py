@@ -19,6 +19,7 @@ import torch
 
 from ray_med.data.task_mixture import MixtureSettings, plan_epoch, shard
 from ray_med.training.loop import Checkpointer, LoopSettings, StepResult, run_loop
+from ray_med.training.schedule import warmup_linear
 from ray_med.training.trainable import TrainableState
 
 
@@ -69,9 +70,7 @@ def fit_mixture(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / cfg.warmup_steps if s < cfg.warmup_steps
-        else max(0.0, (total - s) / max(1, total - cfg.warmup_steps)),
-    )
+        opt, lambda s: warmup_linear(s, warmup_steps=cfg.warmup_steps, total_steps=total))
 
     def step(batch: list[Any], boundary: bool) -> StepResult:
         loss, tokens = loss_of(batch)

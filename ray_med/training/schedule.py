@@ -1,6 +1,6 @@
 """Learning-rate schedule and FLOP accounting for training (pure maths).
 
-The schedule is Meditron's: linear warmup, then cosine decay to ``min_lr_ratio`` of
+The pretraining schedule is Meditron's: linear warmup, then cosine decay to ``min_lr_ratio`` of
 the peak (10%) at ``max_steps``. Warmup is counted in optimizer steps.
 
 Training FLOPs per token follow the PaLM appendix B accounting: 6 per trainable
@@ -24,6 +24,13 @@ def lr_at(step: int, *, peak: float, warmup_steps: int, max_steps: int, min_lr_r
     progress = min(1.0, (step - warmup_steps) / span)
     floor = peak * min_lr_ratio
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+
+
+def warmup_linear(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier of the adapter and classifier fits: linear warmup, then linear decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int, *, n_frozen: int = 0) -> float:

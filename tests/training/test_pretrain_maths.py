@@ -11,7 +11,7 @@ from ray_med.errors import ConfigError
 from ray_med.evaluation.perplexity import PerplexityAccumulator, eval_batches, lm_nll
 from ray_med.training.config import DeepSpeedSettings
 from ray_med.training.deepspeed_config import deepspeed_config
-from ray_med.training.schedule import flops_per_token, lr_at, mfu
+from ray_med.training.schedule import flops_per_token, lr_at, mfu, warmup_linear
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:
@@ -21,6 +21,12 @@ def test_warmup_then_cosine_to_the_floor() -> None:
     assert lr_at(9, **kw) == pytest.approx(0.55)  # halfway: floor + (peak - floor) / 2
     assert lr_at(14, **kw) == pytest.approx(0.1)
     assert lr_at(100, **kw) == pytest.approx(0.1)
+
+
+def test_adapter_schedule_warms_up_then_decays_linearly_to_zero() -> None:
+    kw = {"warmup_steps": 2, "total_steps": 6}
+    assert [warmup_linear(s, **kw) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    assert warmup_linear(9, **kw) == 0.0
 
 
 def test_flops_and_mfu() -> None:
