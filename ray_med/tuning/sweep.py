@@ -209,15 +209,7 @@ def _decode(config: dict[str, Any], params: dict[str, Param]) -> dict[str, Any]:
 
 
 def _finished(out: Storage, trial_id: str) -> bool:
-    return out.complete(f"trials/{trial_id}/adapter") and _exists(out, f"trials/{trial_id}/metrics.json")
-
-
-def _exists(out: Storage, rel: str) -> bool:
-    try:
-        out.read_text(rel)
-        return True
-    except (OSError, RayMedError):
-        return False
+    return out.complete(f"trials/{trial_id}/adapter") and out.complete(f"trials/{trial_id}/metrics.json")
 
 
 def _search_space(params: dict[str, Param], algorithm: str) -> dict[str, Any]:
