@@ -6,7 +6,9 @@ fixture, so the cluster starts once (8-16 s on 2 cores) for the whole run.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,20 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("../shared/data not found (set RAY_MED_SHARED_DATA to its location)")
     return path
+
+
+@pytest.fixture(scope="session")
+def job_main() -> Callable[[str], Callable[[list[str]], int]]:
+    """``job_main("finetune")`` is ``jobs/finetune.py``'s ``main(argv) -> exit code``, loaded
+    from its file as ``ray job submit`` runs it (``jobs/`` is scripts, not a package)."""
+
+    def load(name: str) -> Callable[[list[str]], int]:
+        spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.main
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -11,29 +10,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
 
 
-def test_help_lists_config_keys_with_docs(capsys: pytest.CaptureFixture[str]) -> None:
+def test_help_lists_config_keys_with_docs(capsys: pytest.CaptureFixture[str], job_main) -> None:
     with pytest.raises(SystemExit) as exc:
-        _job("pipeline").main(["--help"])
+        job_main("pipeline")(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "tokenizer.vocab_size" in out and "Vocabulary size" in out
     assert "run.storage" in out
 
 
-def test_print_config_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:
-    code = _job("pipeline").main(["--config", "jobs/configs/pipeline/tiny.yaml", "--print-config", "seq_len=64"])
+def test_print_config_applies_overrides(capsys: pytest.CaptureFixture[str], job_main) -> None:
+    code = job_main("pipeline")(["--config", "jobs/configs/pipeline/tiny.yaml", "--print-config", "seq_len=64"])
     assert code == 0
     out = capsys.readouterr().out
     assert "seq_len: 64" in out and "reader: pubmedqa" in out
@@ -50,10 +42,10 @@ def test_print_config_applies_overrides(capsys: pytest.CaptureFixture[str]) -> N
         (["corpus.sources.0.reader=pubmedq"], "unknown reader 'pubmedq'"),
     ],
 )
-def test_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch) -> None:
+def test_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch, job_main) -> None:
     # Errors from inside a Ray task surface the same way: reading is the first Ray step.
     monkeypatch.setattr(sys, "argv", ["pipeline"])
-    code = _job("pipeline").main([*argv, f"run.storage={tmp_path}"] if "run.storage" not in argv[0] else argv)
+    code = job_main("pipeline")([*argv, f"run.storage={tmp_path}"] if "run.storage" not in argv[0] else argv)
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
@@ -70,8 +62,8 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path, monkey
         (["adapter.method=ia3"], "'adapter.method' must be one of"),
     ],
 )
-def test_finetune_bad_input_fails_before_any_worker(argv, message, capsys, tmp_path) -> None:
-    code = _job("finetune").main([*argv, f"run.storage={tmp_path}"])
+def test_finetune_bad_input_fails_before_any_worker(argv, message, capsys, tmp_path, job_main) -> None:
+    code = job_main("finetune")([*argv, f"run.storage={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "Traceback" not in err

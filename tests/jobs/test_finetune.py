@@ -7,7 +7,6 @@ stage 2 stacks it (trainable) under a downstream LoRA with a head on PubMedQA (4
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,19 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.deepspeed]
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path, capsys) -> None:
+def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path, capsys, job_main) -> None:
     notes = read_records("mtsamples", str(shared_data / "mtsamples/mtsamples_400.csv"), on_error="skip").records
     tok = train_bpe_tokenizer([r.text for r in notes], vocab_size=512)
     base = save_pretrained(build_model("tiny-llama", vocab_size=len(tok)), tmp_path / "base", tokenizer=tok)
 
-    assert _job("finetune")([
+    assert job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/tiny_domain.yaml"), f"model.path={base}", "model.preset=null",
         f"corpus.root={shared_data}", f"run.storage={tmp_path}/runs", f"output_dir={tmp_path}/domain",
         "lm.max_steps=6", "lm.log_every=2", "eval.every_steps=6", "eval.max_sequences=4",
@@ -44,7 +36,7 @@ def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path
     assert (domain / "adapter_model.safetensors").is_file()
 
     out = tmp_path / "downstream"
-    assert _job("finetune")([
+    assert job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/tiny_downstream.yaml"), f"model.path={base}",
         f"domain_adapter={domain}", f"data.path={shared_data}/pubmedqa/pqal_trainval.json",
         f"run.storage={tmp_path}/runs", f"output_dir={out}", "train.epochs=2", "bootstrap=100", "merge=true",
@@ -63,7 +55,7 @@ def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path
 
     # The run folder alone: evaluate.py classify takes the task, the file and the test ids from splits.json.
     capsys.readouterr()
-    assert _job("evaluate")(["classify", "--model", str(out), "--max-length", "128", "--bootstrap", "100"]) == 0
+    assert job_main("evaluate")(["classify", "--model", str(out), "--max-length", "128", "--bootstrap", "100"]) == 0
     default = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert default["split"] == "test" and default["n"] == 50
     assert default["auroc_macro"] == pytest.approx(metrics["auroc_macro"], abs=1e-6)
@@ -71,7 +63,7 @@ def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path
     ids = tmp_path / "test_ids.txt"
     ids.write_text("\n".join(p["id"] for p in predictions))
     capsys.readouterr()
-    assert _job("evaluate")([
+    assert job_main("evaluate")([
         "classify", "--model", str(out / "adapter"), "--task", "pubmedqa_rf",
         "--data", str(shared_data / "pubmedqa/pqal_trainval.json"), "--format", "pubmedqa",
         "--ids", str(ids), "--max-length", "128", "--bootstrap", "100",
@@ -84,7 +76,7 @@ def test_domain_then_downstream_then_evaluate(ray_session, shared_data, tmp_path
     # The merged export (both LoRAs folded into the base weights) scores the same.
     assert (out / "merged" / "model" / "model.safetensors").is_file()
     capsys.readouterr()
-    assert _job("evaluate")([
+    assert job_main("evaluate")([
         "classify", "--model", str(out / "merged"), "--task", "pubmedqa_rf",
         "--data", str(shared_data / "pubmedqa/pqal_trainval.json"), "--ids", str(ids), "--max-length", "128",
         "--bootstrap", "100",

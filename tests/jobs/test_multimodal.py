@@ -9,7 +9,6 @@ worker starts, with one line and exit code 2.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 import uuid
@@ -22,13 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "jobs/configs/multimodal/tiny_pneumonia.yaml")
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _args(shared_data: Path, tmp_path: Path, out: str, *extra: str) -> list[str]:
     return ["--config", CONFIG, f"data_root={shared_data}", f"run.storage={tmp_path}/runs", f"output_dir={tmp_path}/{out}",
             "tasks.0.limit=96", "tasks.1.limit=32", "train.max_steps=6", "train.eval_every=3", "train.batch_size=8",
@@ -38,10 +30,10 @@ def _args(shared_data: Path, tmp_path: Path, out: str, *extra: str) -> list[str]
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_workers_resume_exactly_and_the_saved_model_is_plain_transformers(ray_session, shared_data, tmp_path,
-                                                                            capsys) -> None:
+                                                                            capsys, job_main) -> None:
     name = f"mm-fault-{uuid.uuid4().hex[:6]}"
-    assert _job("multimodal")(_args(shared_data, tmp_path, "clean")) == 0
-    assert _job("multimodal")(_args(shared_data, tmp_path, "faulted", "train.fail_at_step=4", f"run.name={name}")) == 0
+    assert job_main("multimodal")(_args(shared_data, tmp_path, "clean")) == 0
+    assert job_main("multimodal")(_args(shared_data, tmp_path, "faulted", "train.fail_at_step=4", f"run.name={name}")) == 0
     clean, faulted = tmp_path / "clean", tmp_path / "faulted"
     # rank 1 really died at step 4; the group restarted from the step-3 checkpoint
     assert (Path(tempfile.gettempdir()) / f"ray_med-failed-{name}").read_text() == "4"
@@ -61,7 +53,7 @@ def test_two_workers_resume_exactly_and_the_saved_model_is_plain_transformers(ra
 
     # evaluate.py multimodal on the held-out split (a file of several splits: --split picks one)
     capsys.readouterr()
-    assert _job("evaluate")(["multimodal", "--model", str(clean / "model"), "--task", "pneumonia", "--format",
+    assert job_main("evaluate")(["multimodal", "--model", str(clean / "model"), "--task", "pneumonia", "--format",
                              "medmnist", "--data", str(shared_data / "pneumoniamnist/pneumoniamnist_trainval.npz"),
                              "--split", "val", "--bootstrap", "50", "--max-length", "160"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -71,7 +63,7 @@ def test_two_workers_resume_exactly_and_the_saved_model_is_plain_transformers(ra
     assert len(preds) == 270 and set(preds[0]["probabilities"]) == {"normal", "pneumonia"}
 
 
-def test_bad_input_is_one_line_and_exit_2(shared_data, tmp_path, capsys) -> None:
+def test_bad_input_is_one_line_and_exit_2(shared_data, tmp_path, capsys, job_main) -> None:
     cases = [
         (["tasks.0.task=pneumona"], "unknown multimodal task 'pneumona'. Did you mean 'pneumonia'?"),
         (["tasks.0.path=nowhere.npz"], "pneumonia: data file not found"),
@@ -80,12 +72,12 @@ def test_bad_input_is_one_line_and_exit_2(shared_data, tmp_path, capsys) -> None
         (["train.batch_size=1"], "cannot hold mixture.min_per_task_per_batch"),
     ]
     for extra, message in cases:
-        assert _job("multimodal")(_args(shared_data, tmp_path, "bad", *extra)) == 2
+        assert job_main("multimodal")(_args(shared_data, tmp_path, "bad", *extra)) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
-def test_evaluate_refuses_to_score_a_file_of_several_splits_without_split(shared_data, tmp_path, capsys) -> None:
+def test_evaluate_refuses_to_score_a_file_of_several_splits_without_split(shared_data, tmp_path, capsys, job_main) -> None:
     npz = str(shared_data / "pneumoniamnist/pneumoniamnist_trainval.npz")
     for extra, message in [
         ([], "holds the splits ['train', 'val']: pick the one to score with --split"),
@@ -93,6 +85,6 @@ def test_evaluate_refuses_to_score_a_file_of_several_splits_without_split(shared
         (["--task", "pneumona"], "Did you mean 'pneumonia'?"),
     ]:
         args = ["multimodal", "--model", str(tmp_path), "--task", "pneumonia", "--format", "medmnist", "--data", npz]
-        assert _job("evaluate")(args + extra) == 2
+        assert job_main("evaluate")(args + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and "Traceback" not in "\n".join(err)

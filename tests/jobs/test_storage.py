@@ -9,7 +9,6 @@ replicas inherit the S3 settings (the shared test Ray started before they were s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -208,17 +207,10 @@ def test_a_relative_path_under_ray_job_submit_fails_fast(monkeypatch: pytest.Mon
     check_submitted_paths(fcfg)
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_downstream_reads_and_writes_file_uris(ray_session, shared_data: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                               monkeypatch: pytest.MonkeyPatch, job_main) -> None:
     """The downstream stage on ``file://`` storage: its base model from a URI, every output to one."""
     from ray_med.adapters.classifier import check_classifier_dir, load_classifier
     from ray_med.data import read_records
@@ -232,7 +224,7 @@ def test_downstream_reads_and_writes_file_uris(ray_session, shared_data: Path, t
     with store.local_dir("base/model") as d:
         save_pretrained(build_model("tiny-llama", vocab_size=len(tok)), d, tokenizer=tok)
     model_uri = store.join("base/model")
-    assert _job("finetune")([
+    assert job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/tiny_downstream.yaml"), f"model.path={model_uri}",
         "domain_adapter=null", f"data.root={shared_data}", f"run.storage={store.uri}", "run.name=down",
         "train.epochs=1", "train.max_length=64", "bootstrap=20", "merge=true", "scaling.num_workers=0",

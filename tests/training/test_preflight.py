@@ -7,7 +7,6 @@ runs a real 2-worker group whose workers raise a user error and counts the attem
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,13 +18,6 @@ from ray_med.models.config import ModelConfig
 from ray_med.training.preflight import check_adapter, check_batches, meta_model
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
@@ -77,8 +69,8 @@ def test_too_little_data_for_the_batch_and_workers() -> None:
 # ------------------------------------------------------------- jobs: exit 2, no workers
 
 
-def test_downstream_prompt_learning_adapter_fails_before_any_worker(tmp_path, shared_data, capsys) -> None:
-    code = _job("finetune")([
+def test_downstream_prompt_learning_adapter_fails_before_any_worker(tmp_path, shared_data, capsys, job_main) -> None:
+    code = job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/pubmedqa_minilm_lora.yaml"), f"data.root={shared_data}",
         f"run.storage={tmp_path}/runs", "adapter.method=prefix", "scaling.num_workers=2",
     ])
@@ -87,19 +79,19 @@ def test_downstream_prompt_learning_adapter_fails_before_any_worker(tmp_path, sh
     assert not list((tmp_path / "runs").glob("*/checkpoint_*"))
 
 
-def test_downstream_target_modules_and_batch_size_fail_before_any_worker(tmp_path, shared_data, capsys) -> None:
+def test_downstream_target_modules_and_batch_size_fail_before_any_worker(tmp_path, shared_data, capsys, job_main) -> None:
     base = ["--config", str(REPO / "jobs/configs/finetune/pubmedqa_minilm_lora.yaml"), f"data.root={shared_data}",
             f"run.storage={tmp_path}/runs", "scaling.num_workers=2"]
     # MiniLM (BERT) names its attention projections query/value, not Llama's q_proj/v_proj.
-    assert _job("finetune")([*base, "adapter.target_modules=[q_proj,v_proj]"]) == 2
+    assert job_main("finetune")([*base, "adapter.target_modules=[q_proj,v_proj]"]) == 2
     line = _one_line_error(capsys)
     assert "adapter.target_modules: q_proj, v_proj match no module" in line and "query" in line
-    assert _job("finetune")([*base, "train.batch_size=4096"]) == 2
+    assert job_main("finetune")([*base, "train.batch_size=4096"]) == 2
     assert "fewer than one batch of 4096 for each of 2 worker(s)" in _one_line_error(capsys)
 
 
-def test_domain_target_modules_fail_before_reading_the_corpus(tmp_path, shared_data, capsys) -> None:
-    code = _job("finetune")([
+def test_domain_target_modules_fail_before_reading_the_corpus(tmp_path, shared_data, capsys, job_main) -> None:
+    code = job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/tiny_domain.yaml"), f"corpus.root={shared_data}",
         f"run.storage={tmp_path}/runs", "adapter.target_modules=[query]",
     ])
@@ -107,14 +99,14 @@ def test_domain_target_modules_fail_before_reading_the_corpus(tmp_path, shared_d
     assert "adapter.target_modules: query match no module" in _one_line_error(capsys)
 
 
-def test_domain_and_downstream_m3oe_fail_before_any_worker(tmp_path, shared_data, capsys) -> None:
-    code = _job("finetune")([
+def test_domain_and_downstream_m3oe_fail_before_any_worker(tmp_path, shared_data, capsys, job_main) -> None:
+    code = job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/tiny_domain.yaml"), f"corpus.root={shared_data}",
         f"run.storage={tmp_path}/runs", "adapter.method=m3oe",
     ])
     assert code == 2
     assert "adapter.method=m3oe is trained by jobs/inject.py" in _one_line_error(capsys)
-    code = _job("finetune")([
+    code = job_main("finetune")([
         "--config", str(REPO / "jobs/configs/finetune/pubmedqa_minilm_lora.yaml"), f"data.root={shared_data}",
         f"run.storage={tmp_path}/runs", "adapter.method=m3oe", "scaling.num_workers=2",
     ])
@@ -125,8 +117,8 @@ def test_domain_and_downstream_m3oe_fail_before_any_worker(tmp_path, shared_data
 
 @pytest.mark.ray
 def test_pretrain_micro_batch_larger_than_the_data_fails_before_any_worker(
-        ray_session, tmp_path, shared_data, capsys) -> None:
-    code = _job("pretrain")([
+        ray_session, tmp_path, shared_data, capsys, job_main) -> None:
+    code = job_main("pretrain")([
         "--config", str(REPO / "jobs/configs/pretrain/tiny.yaml"), f"corpus.root={shared_data}",
         f"run.storage={tmp_path}/runs", "train.micro_batch_size=100000", "scaling.num_workers=2",
     ])

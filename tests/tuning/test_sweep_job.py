@@ -9,7 +9,6 @@ first trial completes, as a lost driver would be, and the same command is run ag
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -26,13 +25,6 @@ from ray_med.models import build_model, save_pretrained, train_bpe_tokenizer
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +55,7 @@ def _progress(log: str) -> dict[str, str]:
 
 
 def test_a_killed_sweep_resumes_and_exports_the_best_trial(ray_session, tiny_base: Path, shared_data: Path,
-                                                           tmp_path: Path, capsys) -> None:
+                                                           tmp_path: Path, capsys, job_main) -> None:
     storage = f"file://{tmp_path}/store"
     # Two learning rates x two target-module lists, one of which names no module: two trials
     # fail (recorded, the sweep goes on) and two train, one at a time.
@@ -124,12 +116,12 @@ def test_a_killed_sweep_resumes_and_exports_the_best_trial(ray_session, tiny_bas
     assert f"pubmedqa_rf: {storage}/{run_dir.name}/best/adapter" in serve
 
     capsys.readouterr()
-    assert _job("evaluate")(["classify", "--model", str(best), "--max-length", "128", "--bootstrap", "50"]) == 0
+    assert job_main("evaluate")(["classify", "--model", str(best), "--max-length", "128", "--bootstrap", "50"]) == 0
     scored = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert scored["n"] == 50 and scored["auroc_macro"] == pytest.approx(metrics["auroc_macro"], abs=1e-6)
 
     # best/config.yaml is what jobs/finetune.py reproduces: the same classifier, weight for weight.
-    assert _job("finetune")(["--config", str(best / "config.yaml"), f"output_dir={tmp_path}/repro",
+    assert job_main("finetune")(["--config", str(best / "config.yaml"), f"output_dir={tmp_path}/repro",
                              "scaling.num_workers=0"]) == 0
     again = load_file(tmp_path / "repro" / "adapter" / "adapter_model.safetensors")
     exported = load_file(best / "adapter" / "adapter_model.safetensors")
@@ -142,8 +134,8 @@ def test_a_killed_sweep_resumes_and_exports_the_best_trial(ray_session, tiny_bas
 
 def test_a_sweep_whose_every_trial_fails_exits_2_with_the_first_error(ray_session, tiny_base: Path,
                                                                       shared_data: Path, tmp_path: Path,
-                                                                      capsys) -> None:
-    code = _job("sweep")(_args(tiny_base, shared_data, str(tmp_path),
+                                                                      capsys, job_main) -> None:
+    code = job_main("sweep")(_args(tiny_base, shared_data, str(tmp_path),
                                "space={adapter.target_modules: {choice: [[nope]]}}"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -153,8 +145,8 @@ def test_a_sweep_whose_every_trial_fails_exits_2_with_the_first_error(ray_sessio
     assert [r["status"] for r in csv.DictReader((run_dir / "trials.csv").open())] == ["failed"]
 
 
-def test_an_unknown_key_in_the_space_fails_before_any_trial(tmp_path: Path, capsys) -> None:
-    code = _job("sweep")(["--config", str(REPO / "jobs/configs/sweep/tiny.yaml"), f"run.storage={tmp_path}",
+def test_an_unknown_key_in_the_space_fails_before_any_trial(tmp_path: Path, capsys, job_main) -> None:
+    code = job_main("sweep")(["--config", str(REPO / "jobs/configs/sweep/tiny.yaml"), f"run.storage={tmp_path}",
                           "space={adapter.rank: {choice: [4, 8]}}"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
