@@ -118,10 +118,17 @@ class PoolConfig:
     actors: int = 2
     """Executor actors (each runs one client at a time)."""
     num_cpus: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources of the shared pool's executors, e.g. {federated_pool: 1}: keeps them
+    (and the server's public, dev and test rows they score) off the hospitals' nodes."""
     max_restarts: int = 3
     """A dead actor is restarted this many times (its client of that round is dropped)."""
     deadline_s: float = 300.0
     """A round waits at most this long; clients still running are dropped from it."""
+    site_wait_s: float = 30.0
+    """A pinned site's executor that answered before and does not answer within this at a
+    round's start (its node is gone) is left out of that round, and re-admitted when it
+    answers again. (Its first start is waited for as long as the pool's.)"""
 
 
 @dataclass

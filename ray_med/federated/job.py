@@ -202,7 +202,8 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
     site_resources = {site.name: site.resources for site in cfg.clients.sites if site.resources}
 
     def spawn(site: str | None = None) -> Any:
-        (actor,) = make_pool(cfg, spec_dicts, sources, resources=site_resources.get(site or ""), count=1)
+        (actor,) = make_pool(cfg, spec_dicts, sources, resources=site_resources[site] if site else cfg.pool.resources,
+                             count=1)
         return actor
 
     pool = [spawn() for _ in range(cfg.pool.actors)]
@@ -210,61 +211,66 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
     s = cfg.strategy
     strategy = make_strategy(s.name, mu=s.mu, server_lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
     fed = Federation(cfg=cfg, plan=plan, pool=pool, pinned=pinned, strategy=strategy, storage=storage, spawn=spawn)
-    state = load_state(storage)
-    if state is not None:
-        print(f"[federated] resumed after round {state.round} from {storage.join('checkpoint')}")
-    else:
-        state = ServerState(weights=init)
-    n_clients = len(plan["holds"])
-    while state.round < cfg.rounds and state.stopped is None:
-        r = state.round
-        if cfg.dp.enabled and cfg.dp.max_epsilon is not None:
-            q = max(cfg.clients.min_per_round, round(cfg.clients.fraction * n_clients)) / n_clients
-            eps = Accountant(state.accountant).epsilon_after(cfg.dp.noise_multiplier, min(q, 1.0), cfg.dp.delta)
-            if eps > cfg.dp.max_epsilon:
-                state.stopped = f"privacy budget: round {r + 1} would spend eps {eps:.2f} > {cfg.dp.max_epsilon}"
-                print(f"[federated] stopped: {state.stopped}")
-                save_state(storage, state)
-                break
-        t0 = time.perf_counter()
-        started = time.time()
-        row = fed.round(r, state)
-        row["started"] = started
-        if not row.get("skipped"):
-            refs = {mod: pool[i % len(pool)].evaluate.remote(state.weights, mod, plan["splits"][mod]["dev"])
-                    for i, mod in enumerate(specs)}
-            row["dev"] = {mod: _point(ray_get(ref)) for mod, ref in refs.items()}
-        row["round_s"] = time.perf_counter() - t0
-        print(_line(row), flush=True)
-        state.log.append(row)
-        state.round = r + 1
-        save_state(storage, state)
-        if cfg.hold_after_round == state.round:
-            print(f"[federated] holding after round {state.round} (test hook)", flush=True)
-            time.sleep(3600)
-    # The final global model on the federation's test split (selected nothing), with bootstrap CIs.
-    refs = {mod: pool[i % len(pool)].evaluate.remote(state.weights, mod, plan["splits"][mod]["test"], cfg.bootstrap)
-            for i, mod in enumerate(specs)}
-    test = {mod: ray_get(ref) for mod, ref in refs.items()}
-    for mod, spec in specs.items():
-        model = build_model(spec, cfg.run.seed)
-        load_weights(model, state.weights)
-        with storage.local_dir(f"global/{mod}") as folder:
-            # The source and split ratios let the injection stage rebuild the same public/dev/test split.
-            save_modality(model, folder, extra={"round": state.round, "strategy": s.name, "seed": cfg.run.seed,
-                                                "source": sources[mod], "ratios": list(cfg.partition.ratios)})
-    summary = {"rounds": state.log, "test": test, "stopped": state.stopped, "clients": n_clients,
-               "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "sizes": sizes, "epsilon": state.log[-1].get("epsilon") if state.log else None}
-    storage.write_text("rounds.json", json.dumps(summary, indent=2, default=json_default) + "\n")
-    with storage.local_dir("plots") as folder:
-        write_plots(state.log, folder)
-    for mod, m in test.items():
-        lo, hi = m["auroc_macro_ci"]
-        print(f"{mod} ({cfg.modalities[mod].task}) test: macro AUROC {m['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}], "
-              f"accuracy {m['accuracy']:.4f} on {m['n']}")
-    print(f"global model: {storage.join('global')}/<modality>  (rounds: {storage.join('rounds.json')})")
-    return FederatedOutputs(run_dir=ctx.dir, global_dir=storage.join("global"), rounds=state.log, test=test)
+    # The executors go with the job, whatever ends it: on a long-lived cluster, actors left
+    # behind would hold their CPUs (and a hospital's node) until the driver exits.
+    try:
+        state = load_state(storage)
+        if state is not None:
+            print(f"[federated] resumed after round {state.round} from {storage.join('checkpoint')}")
+        else:
+            state = ServerState(weights=init)
+        n_clients = len(plan["holds"])
+        while state.round < cfg.rounds and state.stopped is None:
+            r = state.round
+            if cfg.dp.enabled and cfg.dp.max_epsilon is not None:
+                q = max(cfg.clients.min_per_round, round(cfg.clients.fraction * n_clients)) / n_clients
+                eps = Accountant(state.accountant).epsilon_after(cfg.dp.noise_multiplier, min(q, 1.0), cfg.dp.delta)
+                if eps > cfg.dp.max_epsilon:
+                    state.stopped = f"privacy budget: round {r + 1} would spend eps {eps:.2f} > {cfg.dp.max_epsilon}"
+                    print(f"[federated] stopped: {state.stopped}")
+                    save_state(storage, state)
+                    break
+            t0 = time.perf_counter()
+            started = time.time()
+            row = fed.round(r, state)
+            row["started"] = started
+            if not row.get("skipped"):
+                refs = {mod: pool[i % len(pool)].evaluate.remote(state.weights, mod, plan["splits"][mod]["dev"])
+                        for i, mod in enumerate(specs)}
+                row["dev"] = {mod: _point(ray_get(ref)) for mod, ref in refs.items()}
+            row["round_s"] = time.perf_counter() - t0
+            print(_line(row), flush=True)
+            state.log.append(row)
+            state.round = r + 1
+            save_state(storage, state)
+            if cfg.hold_after_round == state.round:
+                print(f"[federated] holding after round {state.round} (test hook)", flush=True)
+                time.sleep(3600)
+        # The final global model on the federation's test split (selected nothing), with bootstrap CIs.
+        refs = {mod: pool[i % len(pool)].evaluate.remote(state.weights, mod, plan["splits"][mod]["test"], cfg.bootstrap)
+                for i, mod in enumerate(specs)}
+        test = {mod: ray_get(ref) for mod, ref in refs.items()}
+        for mod, spec in specs.items():
+            model = build_model(spec, cfg.run.seed)
+            load_weights(model, state.weights)
+            with storage.local_dir(f"global/{mod}") as folder:
+                # The source and split ratios let the injection stage rebuild the same public/dev/test split.
+                save_modality(model, folder, extra={"round": state.round, "strategy": s.name, "seed": cfg.run.seed,
+                                                    "source": sources[mod], "ratios": list(cfg.partition.ratios)})
+        summary = {"rounds": state.log, "test": test, "stopped": state.stopped, "clients": n_clients,
+                   "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "sizes": sizes, "epsilon": state.log[-1].get("epsilon") if state.log else None}
+        storage.write_text("rounds.json", json.dumps(summary, indent=2, default=json_default) + "\n")
+        with storage.local_dir("plots") as folder:
+            write_plots(state.log, folder)
+        for mod, m in test.items():
+            lo, hi = m["auroc_macro_ci"]
+            print(f"{mod} ({cfg.modalities[mod].task}) test: macro AUROC {m['auroc_macro']:.4f} [{lo:.4f}, {hi:.4f}], "
+                  f"accuracy {m['accuracy']:.4f} on {m['n']}")
+        print(f"global model: {storage.join('global')}/<modality>  (rounds: {storage.join('rounds.json')})")
+        return FederatedOutputs(run_dir=ctx.dir, global_dir=storage.join("global"), rounds=state.log, test=test)
+    finally:
+        fed.close()
 
 
 def _point(m: dict[str, Any]) -> dict[str, Any]:

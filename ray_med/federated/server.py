@@ -8,7 +8,10 @@ One round:
 3. dispatch: each executor runs one client at a time, the next as soon as it is free;
    ``ray.wait`` stops at the deadline. A client whose executor died, whose data failed,
    or that was still running at the deadline is dropped from the round (and recorded);
-   it is sampled again in later rounds like any other;
+   it is sampled again in later rounds like any other. A pinned site whose executor does
+   not answer at the round's start (its node is gone) is dropped from the round without
+   waiting for it, and re-admitted at the first round it answers again (Ray restarts
+   its actor when a node with the site's resources comes back);
 4. if fewer than ``min_per_round`` results came back the round is redone (new sample,
    once), then skipped with the global weights unchanged;
 5. aggregate (:mod:`~ray_med.federated.strategies`; the sum unmasked after removing the
@@ -109,36 +112,72 @@ class Federation:
     spawn: Any = None
     """spawn(site or None) -> a new executor (for the shared pool, or pinned to a site's resources)."""
     log: Any = print
+    down: set[str] = field(default_factory=set)
+    """Pinned sites whose executor did not answer at this round's start (left out of it)."""
+    seen: set[str] = field(default_factory=set)
+    """Pinned sites whose executor has answered once (its first start is waited for in full)."""
+
+    def close(self) -> None:
+        """Stop every executor (the job is over)."""
+        for actor in [*self.pool, *self.pinned.values()]:
+            ray.kill(actor, no_restart=True)
+
+    def _answers(self, actor: Any, patience_s: float) -> str:
+        """'up', 'dead' (out of restarts) or 'down' (no answer within ``patience_s``)."""
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return "up"
+            except ray.exceptions.ActorDiedError:
+                return "dead"
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    return "down"
+                time.sleep(0.5)
 
     def ready(self, patience_s: float = 120.0) -> None:
-        """Every executor answering: wait for one Ray is restarting; replace one that is out of restarts."""
-        for group in (self.pool, self.pinned):
-            keys = list(range(len(group))) if isinstance(group, list) else list(group)
-            for key in keys:
-                deadline = time.monotonic() + patience_s
-                while True:
-                    try:
-                        ray.get(group[key].pid.remote(), timeout=patience_s)
-                        break
-                    except ray.exceptions.ActorUnavailableError:
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.5)
-                    except ray.exceptions.ActorDiedError:
-                        self.log("[federated] an executor is out of restarts; starting a new one")
-                        group[key] = self.spawn(None if group is self.pool else key)
-                        break
+        """Every executor answering: wait for one Ray is restarting; replace one that is out of restarts.
+
+        The shared pool runs anywhere, so its executors are waited for. A pinned site is
+        waited for only ``pool.site_wait_s``: a site whose node is gone cannot come back
+        by waiting, and one missing hospital must not hold up the others. It is left out
+        of this round (``down``) and asked again at the next.
+        """
+        for i in range(len(self.pool)):
+            state = self._answers(self.pool[i], patience_s)
+            if state == "down":
+                raise ray.exceptions.GetTimeoutError(f"a pool executor did not answer in {patience_s:.0f}s")
+            if state == "dead":
+                self.log("[federated] an executor is out of restarts; starting a new one")
+                self.pool[i] = self.spawn(None)
+        for site in list(self.pinned):
+            wait = self.cfg.pool.site_wait_s if site in self.seen else patience_s
+            state = self._answers(self.pinned[site], wait)
+            if state == "dead":
+                self.log(f"[federated] site {site}'s executor is out of restarts; starting a new one")
+                self.pinned[site] = self.spawn(site)
+                state = self._answers(self.pinned[site], wait)
+            if state == "up":
+                self.seen.add(site)
+            if state == "up" and site in self.down:
+                self.log(f"[federated] site {site} answers again; re-admitted")
+                self.down.discard(site)
+            elif state != "up" and site not in self.down:
+                self.log(f"[federated] site {site} does not answer (its node may be gone); "
+                         "left out until it does")
+                self.down.add(site)
 
     def _dispatch(self, round_: int, sampled: list[str], state: ServerState, global_ref: Any,
                   plan_ref: Any, job: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         """Run the sampled clients on the executors until done or the deadline; (results, dropped with reasons)."""
         shared = deque(c for c in sampled if c not in self.pinned)
-        pinned = deque(c for c in sampled if c in self.pinned)
+        pinned = deque(c for c in sampled if c in self.pinned and c not in self.down)
         free = list(self.pool)
         busy_pinned: set[str] = set()
         inflight: dict[Any, tuple[str, Any]] = {}
         results: dict[str, dict[str, Any]] = {}
-        dropped: dict[str, str] = {}
+        dropped: dict[str, str] = {c: "site unavailable" for c in sampled if c in self.down}
         deadline = time.monotonic() + self.cfg.pool.deadline_s
 
         def submit(actor: Any, client: str) -> None:
