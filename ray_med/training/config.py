@@ -101,6 +101,13 @@ class TrainSettings:
     """Peak FLOP/s of one device for MFU (H100 bf16 dense: 989e12); 0 disables MFU."""
     fail_at_step: int | None = None
     """Test only: rank 1 (or 0 with one worker) exits once at this step to exercise recovery."""
+    fail_mode: str = "exit"
+    """Test only: what rank 1 does at fail_at_step: exit (its process dies) or hold (it writes
+    its node's ID to a marker file and waits there for the test to remove that node)."""
+
+    def __post_init__(self) -> None:
+        if self.fail_mode not in ("exit", "hold"):
+            raise ConfigError(f"train.fail_mode must be exit or hold, got {self.fail_mode!r}")
 
 
 @dataclass

@@ -230,7 +230,8 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         settings, step=step, batches=batches, evaluate=evaluate if spec.eval_blocks else None, report=report,
         # Local mode keeps no checkpoints (Ray Train's local mode has no storage for them).
         save=None if local else checkpoints.saver(lambda folder: engine.save_checkpoint(str(folder), tag=CKPT_TAG)),
-        load=load, reduce_mean=reduce_mean(world), on_step=test_fault(t.fail_at_step, spec.name, rank, world),
+        load=load, reduce_mean=reduce_mean(world), on_step=test_fault(t.fail_at_step, spec.name, rank, world,
+                                                                          hold=t.fail_mode == "hold"),
         log=say if rank == 0 else lambda _: None,
     )
     _export(engine, spec, ds.zero_stage, rank, state.history, deepspeed)

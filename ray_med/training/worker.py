@@ -17,6 +17,7 @@ import os
 import random
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,12 +106,15 @@ def reduce_mean(world: int) -> Callable[[float], float]:
     return mean
 
 
-def test_fault(fail_at_step: int | None, name: str, rank: int, world: int) -> Callable[[LoopState], None]:
-    """The loop's ``on_step`` for the test-only fault: rank 1 (0 alone) really exits, once per run, at that step.
+def test_fault(fail_at_step: int | None, name: str, rank: int, world: int, *,
+               hold: bool = False) -> Callable[[LoopState], None]:
+    """The loop's ``on_step`` for the test-only fault: rank 1 (0 alone) fails, once per run, at that step.
 
     ``os._exit`` ends the worker process as a crash would (no cleanup, no exception for
     Ray Train to see); a marker file named after the run stops the restarted group from
-    dying again.
+    failing again. With ``hold`` the rank writes its node's ID into the marker and waits
+    instead, for a test to remove that node (a lost machine, not just a lost process);
+    if nobody does within 5 minutes it exits as above.
     """
 
     def on_step(state: LoopState) -> None:
@@ -119,8 +123,15 @@ def test_fault(fail_at_step: int | None, name: str, rank: int, world: int) -> Ca
         marker = Path(tempfile.gettempdir()) / f"ray_med-failed-{ray.train.get_context().get_experiment_name()}"
         if marker.exists():
             return
-        marker.write_text(str(state.step))
-        say(f"[{name}] test fault: rank {rank} exits at step {state.step}")
+        if hold:
+            tmp = marker.with_suffix(".tmp")
+            tmp.write_text(f"{state.step} {ray.get_runtime_context().get_node_id()}")
+            tmp.replace(marker)  # whole, so the test never reads half a node ID
+            say(f"[{name}] test fault: rank {rank} holds at step {state.step} for its node to go")
+            time.sleep(300)
+        else:
+            marker.write_text(str(state.step))
+            say(f"[{name}] test fault: rank {rank} exits at step {state.step}")
         os._exit(1)
 
     return on_step
