@@ -33,10 +33,16 @@ class DeploymentConfig:
     """Requests a replica takes at once; must be >= max_batch_size x max_concurrent_batches."""
     max_queued_requests: int = 256
     """Requests waiting for a replica before new ones get HTTP 503 (backpressure, not OOM)."""
+    max_replicas_per_node: int = 0
+    """At most this many replicas on one node (0: no limit). 1 spreads the replicas over
+    nodes, so losing a node leaves the others serving while Serve replaces its replicas."""
     num_cpus: float = 1.0
     """CPUs reserved per replica."""
     num_gpus: float = 0.0
     """GPUs per replica (fractions share a GPU)."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom resources per replica: which nodes may host it (e.g. {serve: 1} for a serving
+    node pool, or {"accelerator_type:L4": 0.001} for one GPU type)."""
     torch_threads: int = 0
     """Intra-op threads for the model (0: num_cpus, rounded up)."""
     user_code_thread: bool = False

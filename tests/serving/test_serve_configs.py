@@ -49,3 +49,19 @@ def test_filled_in_config_round_trips(tmp_path):
     out = write_serve_config(config, tmp_path / "serve.yaml")
     assert read_serve_config(out)["applications"][0]["args"]["model"] == "/models/x"
     assert read_serve_config(REPO / "cluster/serve/tiny.yaml")["applications"][0]["args"]["model"] != "/models/x"
+
+
+def test_replica_placement_options_reach_serve():
+    """Custom resources pick a replica's nodes and max_replicas_per_node spreads replicas over
+    them (tests/cluster/test_node_loss.py loses one); the gateway hosting the classifiers
+    takes the classifiers' resources too."""
+    from ray_med.serving.deployments.replica import options
+
+    cfg = from_dict(ServeAppConfig, {"gateway": {"min_replicas": 2, "max_replicas_per_node": 1,
+                                                 "resources": {"serve": 1}},
+                                     "classifier": {"resources": {"accelerator_type:L4": 0.001}}})
+    opts = options(cfg.gateway, cfg, hosts=cfg.classifier)
+    assert opts["max_replicas_per_node"] == 1 and opts["num_replicas"] == 2
+    assert opts["ray_actor_options"]["resources"] == {"serve": 1, "accelerator_type:L4": 0.001}
+    plain = options(cfg.lm, cfg)
+    assert "max_replicas_per_node" not in plain and "resources" not in plain["ray_actor_options"]

@@ -91,18 +91,22 @@ def raise_if_error(value: Any) -> Any:
 
 def options(part: DeploymentConfig, cfg: ServeAppConfig, *, hosts: DeploymentConfig | None = None) -> dict[str, Any]:
     """Deployment options; ``hosts``: the part whose model runs inside this deployment too."""
-    cpus, gpus, env = part.num_cpus, part.num_gpus, dict(part.env)
+    cpus, gpus, env, resources = part.num_cpus, part.num_gpus, dict(part.env), dict(part.resources)
     if hosts is not None:
         cpus, gpus, env = max(cpus, hosts.num_cpus), max(gpus, hosts.num_gpus), {**env, **hosts.env}
+        resources = {**hosts.resources, **resources}
     # Serve reads this flag when the replica process imports it: it must be in the env.
     env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "1" if part.user_code_thread else "0"
     opts: dict[str, Any] = {
         "max_ongoing_requests": part.max_ongoing_requests,
         "max_queued_requests": part.max_queued_requests,
-        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env}},
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env},
+                              **({"resources": resources} if resources else {})},
         # One access-log line per request per hop costs CPU on a small box; off by default.
         "logging_config": {"enable_access_log": cfg.access_log, "log_level": cfg.log_level},
     }
+    if part.max_replicas_per_node:
+        opts["max_replicas_per_node"] = part.max_replicas_per_node
     if part.max_replicas > part.min_replicas:
         opts["autoscaling_config"] = {
             "min_replicas": part.min_replicas,
