@@ -47,6 +47,8 @@ ALLOWED: dict[str, set[str]] = {
                         "tuning"}
     | CORE,
     "cli": BASE | {"runtime", "registry"},
+    # Cluster files: KubeRay manifests' checks; GPU sizing from memory_plan and training's meta model.
+    "cluster": BASE | {"models", "training"},
 }
 # The only modules that import Ray (at module level); DeepSpeed only in the pretraining worker.
 RAY_EDGES = {
