@@ -331,6 +331,9 @@ def test_pipeline_on_uri_storage(scheme: str, request: pytest.FixtureRequest, sh
         assert "multimodal" not in runs and "federated" not in runs
 
     # The same command again: every stage's outputs are complete in the storage, so all are reused.
-    again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert again.stdout.count("cached: ") == (9 if image_stages else 5) and "rerun:" not in again.stdout
+    # (On S3 only: reuse reads the same Storage.complete on either URI, and a second pipeline
+    # process costs half a minute of the suite.)
+    if image_stages:
+        again = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+        assert again.stdout.count("cached: ") == 9 and "rerun:" not in again.stdout
