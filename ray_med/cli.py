@@ -17,11 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ray_med.config import describe, load_config, to_yaml
-from ray_med.errors import ConfigError, RayMedError
+from ray_med.errors import EXIT_USER_ERROR, ConfigError, RayMedError
 from ray_med.registry import JOBS, JobSpec, execute, get_job, subcommands
 from ray_med.runtime import quiet_logs
-
-EXIT_USER_ERROR = 2
 
 
 def _config_help(spec: JobSpec) -> str:

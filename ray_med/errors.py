@@ -8,6 +8,9 @@ else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+EXIT_USER_ERROR = 2
+"""The exit code of a command that stopped on a user's mistake (after its one line)."""
+
 
 class RayMedError(Exception):
     """Base class for errors caused by user input, reported without a traceback."""

@@ -57,10 +57,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ray_med.errors import ConfigError
-
-EXIT_USER_ERROR = 2
-"""As ray_med.cli's: a user's mistake is one line and exit code 2."""
+from ray_med.errors import EXIT_USER_ERROR, ConfigError
 
 IMAGE_NAME = "ray-med"
 """The last path component of our image, whatever the registry (cluster/Dockerfile)."""
@@ -654,10 +651,12 @@ def _entrypoint(job: RayJob, path: Path, exp: Expectations) -> tuple[str, Path]:
 
 
 def _required_resources(config: Path) -> set[str]:
-    """The custom resources a federated job's sites ask for (clients.sites[*].resources)."""
+    """The custom resources a federated job asks for: its sites' (clients.sites[*].resources) and
+    its server's executor pool's (pool.resources)."""
     data = _load(config.read_text(encoding="utf-8")) or {}
     sites = (data.get("clients") or {}).get("sites") or []
-    return {name for site in sites if isinstance(site, dict) for name in (site.get("resources") or {})}
+    pool = (data.get("pool") or {}).get("resources") or {}
+    return {name for site in sites if isinstance(site, dict) for name in (site.get("resources") or {})} | set(pool)
 
 
 def check_resources(spec: RayClusterSpec, needed: set[str], where: str) -> None:
@@ -665,8 +664,8 @@ def check_resources(spec: RayClusterSpec, needed: set[str], where: str) -> None:
     offered = {name for g in spec.workerGroupSpecs if g.maxReplicas > 0 for name in ray_start_resources(g.rayStartParams)}
     missing = sorted(needed - offered)
     if missing:
-        raise ConfigError(f"{where}: no worker group offers the custom resources {missing} that the federated sites "
-                          "ask for (rayStartParams resources, with maxReplicas >= 1)")
+        raise ConfigError(f"{where}: no worker group offers the custom resources {missing} that the federated job "
+                          "asks for (rayStartParams resources, with maxReplicas >= 1)")
 
 
 def check_manifest(manifest: Manifest, path: Path, exp: Expectations) -> set[str]:

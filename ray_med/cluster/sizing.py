@@ -3,8 +3,8 @@
 ``python -m ray_med.cluster.sizing CONFIG [CONFIG ...] [--preset NAME]`` prints, per job
 config, the base model's parameters, what the job trains, and the bytes each GPU holds for
 weights, gradients and optimizer state under the config's data parallelism (ZeRO stage
-and worker count for pretraining; a frozen base plus trainable adapters otherwise), and the
-smallest common GPU whose memory that leaves at least :data:`HEADROOM` free for activations.
+and worker count for pretraining, with the job's own defaults; a frozen base plus trainable
+adapters otherwise, an M3OE gate's few parameters left out), and the smallest common GPU whose memory that leaves at least :data:`HEADROOM` free for activations.
 
 It reads the config's YAML only for the fields that decide memory (``model`` or ``llm``, ``adapter``
 or ``model.lora``, ``deepspeed``, ``scaling``; a sweep's ``base``) and builds the model on
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ray_med.errors import ConfigError, RayMedError
+from ray_med.errors import EXIT_USER_ERROR, ConfigError, RayMedError
+from ray_med.models.config import ModelConfig
+from ray_med.training.config import DeepSpeedSettings
 
 GPUS: list[tuple[str, float]] = [("L4 24GB", 24e9), ("A100 40GB", 40e9), ("A100/H100 80GB", 80e9),
                                  ("H200 141GB", 141e9)]
@@ -74,7 +76,6 @@ def _read(path: Path) -> dict[str, Any]:
 
 def _meta(model: dict[str, Any], preset: str | None) -> tuple[Any, str]:
     # lazy: torch and transformers load only when a config is sized, not for --help
-    from ray_med.models.config import ModelConfig
     from ray_med.training.preflight import meta_model
 
     path = model.get("path") or model.get("language_model")
@@ -90,12 +91,18 @@ def _meta(model: dict[str, Any], preset: str | None) -> tuple[Any, str]:
     return meta_model(cfg, causal_lm=True), str(name)
 
 
-def _lora_params(model: Any, r: int, targets: list[str], copies: int = 1) -> int:
-    """Parameters of rank-``r`` LoRA on every Linear named in ``targets`` (A: r x in, B: out x r)."""
+def _lora_params(model: Any, r: int, targets: list[str], copies: int = 1, within: str = "") -> int:
+    """Parameters of rank-``r`` LoRA on every Linear named in ``targets`` (A: r x in, B: out x r)
+    whose path contains ``within`` (a multimodal model's LoRA is on its language model only)."""
     import torch  # lazy: see _meta
 
     return copies * sum(r * (m.in_features + m.out_features) for name, m in model.named_modules()
-                        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+                        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets and within in name)
+
+
+def _projector_params(model: Any) -> int:
+    """A multimodal model's projector, trained beside its LoRA (``modules_to_save``)."""
+    return sum(p.numel() for name, p in model.named_parameters() if "multi_modal_projector" in name)
 
 
 def size(config: str | Path, *, preset: str | None = None) -> Sizing:
@@ -107,18 +114,24 @@ def size(config: str | Path, *, preset: str | None = None) -> Sizing:
     params = count_parameters(model)
     scaling = data.get("scaling") or {}
     workers = int(scaling.get("num_workers", 1)) or 1
-    dtype_bytes = DTYPE_BYTES.get(model_cfg.get("dtype", "bfloat16"), 2)
     lora = data.get("adapter") or model_cfg.get("lora")
     if lora is None or model_cfg.get("phase") == "full":  # full training: weights, grads, Adam, sharded by ZeRO
-        ds = data.get("deepspeed") or {}
-        stage = int(ds.get("zero_stage", 0)) if workers > 1 else 0
-        plan = memory_plan(params, param_bytes=dtype_bytes, zero_stage=stage, num_gpus=workers,
-                           offload_optimizer=bool(ds.get("offload_optimizer", False)))
+        ds = {**asdict(DeepSpeedSettings()), **(data.get("deepspeed") or {})}  # the job's own defaults
+        offload = bool(ds["offload_optimizer"])
+        # With one worker and no offload the job runs ZeRO stage 0 (nothing to partition).
+        stage = int(ds["zero_stage"]) if workers > 1 or offload else 0
+        param_bytes = 4 if ds["precision"] == "fp32" else 2  # auto is bf16 on a GPU
+        plan = memory_plan(params, param_bytes=param_bytes, zero_stage=stage, num_gpus=workers,
+                           offload_optimizer=offload)
         trainable = params
     else:  # a frozen base in its dtype plus trainable adapters in fp32 with Adam (data parallel, unsharded)
         stage = 0
+        dtype_bytes = DTYPE_BYTES[model_cfg.get("dtype", ModelConfig.dtype)]
         copies = int(lora.get("experts", 1)) if lora.get("method") == "m3oe" else 1  # one LoRA per expert
-        trainable = _lora_params(model, int(lora.get("r", 8)), list(lora.get("target_modules", [])), copies)
+        vlm = model_cfg.get("lora") is not None  # jobs/multimodal.py: LoRA on the language model + the projector
+        trainable = _lora_params(model, int(lora.get("r", 8)), list(lora.get("target_modules", [])), copies,
+                                 within="language_model" if vlm else "")
+        trainable += _projector_params(model) if vlm else 0
         adapters = memory_plan(trainable, param_bytes=4)
         plan = {**adapters, "weights": adapters["weights"] + params * dtype_bytes,
                 "total": adapters["total"] + params * dtype_bytes}
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             print(size(config, preset=args.preset).line())
     except RayMedError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 

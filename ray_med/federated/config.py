@@ -125,10 +125,13 @@ class PoolConfig:
     """A dead actor is restarted this many times (its client of that round is dropped)."""
     deadline_s: float = 300.0
     """A round waits at most this long; clients still running are dropped from it."""
+    start_wait_s: float = 600.0
+    """How long the executors' first start is waited for (on an autoscaling cluster: a node's
+    boot and image pull); a pool executor not up by then fails the job."""
     site_wait_s: float = 30.0
-    """A pinned site's executor that answered before and does not answer within this at a
-    round's start (its node is gone) is left out of that round, and re-admitted when it
-    answers again. (Its first start is waited for as long as the pool's.)"""
+    """After the first round's start, a pinned site's executor that does not answer within
+    this at a round's start (its node is gone) is left out of that round, and re-admitted
+    when it answers again."""
 
 
 @dataclass

@@ -183,7 +183,8 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
     init_ray(cfg.run)
     out_uri = cfg.output_dir or ctx.dir
     storage = Storage.parse(out_uri)
-    plan = ray_get(ray.remote(plan_federation).options(num_cpus=1).remote(cfg))
+    # Where the server's executors run (pool.resources): the plan reads the server's data too.
+    plan = ray_get(ray.remote(plan_federation).options(num_cpus=1, resources=cfg.pool.resources or None).remote(cfg))
     specs = encoder_specs(cfg, plan)
     init: dict[str, np.ndarray] = {}
     for spec in specs.values():
@@ -206,14 +207,15 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
                              count=1)
         return actor
 
-    pool = [spawn() for _ in range(cfg.pool.actors)]
-    pinned = {site: spawn(site) for site in site_resources}
     s = cfg.strategy
     strategy = make_strategy(s.name, mu=s.mu, server_lr=s.server_lr, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
-    fed = Federation(cfg=cfg, plan=plan, pool=pool, pinned=pinned, strategy=strategy, storage=storage, spawn=spawn)
+    fed = Federation(cfg=cfg, plan=plan, pool=[], pinned={}, strategy=strategy, storage=storage, spawn=spawn)
+    pool = fed.pool  # the same list: Federation.ready replaces an executor in place
     # The executors go with the job, whatever ends it: on a long-lived cluster, actors left
     # behind would hold their CPUs (and a hospital's node) until the driver exits.
     try:
+        pool.extend(spawn() for _ in range(cfg.pool.actors))
+        fed.pinned.update({site: spawn(site) for site in site_resources})
         state = load_state(storage)
         if state is not None:
             print(f"[federated] resumed after round {state.round} from {storage.join('checkpoint')}")

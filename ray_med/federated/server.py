@@ -114,58 +114,84 @@ class Federation:
     log: Any = print
     down: set[str] = field(default_factory=set)
     """Pinned sites whose executor did not answer at this round's start (left out of it)."""
-    seen: set[str] = field(default_factory=set)
-    """Pinned sites whose executor has answered once (its first start is waited for in full)."""
+    started: bool = False
+    """Whether the executors have had their first start (waited for ``pool.start_wait_s``)."""
 
     def close(self) -> None:
-        """Stop every executor (the job is over)."""
+        """Stop every executor (the job is over); best effort, so the job's own error is the one raised."""
         for actor in [*self.pool, *self.pinned.values()]:
-            ray.kill(actor, no_restart=True)
-
-    def _answers(self, actor: Any, patience_s: float) -> str:
-        """'up', 'dead' (out of restarts) or 'down' (no answer within ``patience_s``)."""
-        deadline = time.monotonic() + patience_s
-        while True:
             try:
-                ray.get(actor.pid.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                return "up"
-            except ray.exceptions.ActorDiedError:
-                return "dead"
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
-                    return "down"
-                time.sleep(0.5)
+                ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001  (already gone, or Ray itself is: nothing left to stop)
+                pass
 
-    def ready(self, patience_s: float = 120.0) -> None:
-        """Every executor answering: wait for one Ray is restarting; replace one that is out of restarts.
+    def _replace(self, old: Any, site: str | None) -> Any:
+        # The old handle is killed first: a "dead" actor that Ray was still restarting would
+        # otherwise come back and hold the site's one hospital_X resource forever.
+        try:
+            ray.kill(old, no_restart=True)
+        except Exception:  # noqa: BLE001  (already gone)
+            pass
+        return self.spawn(site)
 
-        The shared pool runs anywhere, so its executors are waited for. A pinned site is
-        waited for only ``pool.site_wait_s``: a site whose node is gone cannot come back
-        by waiting, and one missing hospital must not hold up the others. It is left out
-        of this round (``down``) and asked again at the next.
+    def _probe(self, actors: dict[Any, Any], wait_s: float) -> dict[Any, str]:
+        """Each actor's state after at most ``wait_s``, all asked at once: 'up', 'dead' (out of
+        restarts) or 'down' (no answer: restarting, or waiting for a node to start on)."""
+        deadline = time.monotonic() + wait_s
+        pending = {actor.pid.remote(): key for key, actor in actors.items()}
+        states: dict[Any, str] = {}
+        while pending and time.monotonic() < deadline:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            for ref in ready:
+                key = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                    states[key] = "up"
+                except ray.exceptions.ActorDiedError:
+                    states[key] = "dead"
+                except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again shortly
+                    time.sleep(0.5)
+                    pending[actors[key].pid.remote()] = key
+        states.update({key: "down" for key in pending.values()})
+        return states
+
+    def ready(self) -> None:
+        """Every executor answering, at a round's start.
+
+        The executors' first start (a cold node: boot, image pull) is waited for
+        ``pool.start_wait_s``. The shared pool runs anywhere, so a pool executor that does
+        not answer in that time fails the job; one out of restarts is replaced. Pinned
+        sites are asked all at once; after the first start, a site is waited for only
+        ``pool.site_wait_s`` (a site whose node is gone cannot come back by waiting, and
+        one missing hospital must not hold up the others): it is left out of the round
+        (``down``) and asked again at the next.
         """
-        for i in range(len(self.pool)):
-            state = self._answers(self.pool[i], patience_s)
-            if state == "down":
-                raise ray.exceptions.GetTimeoutError(f"a pool executor did not answer in {patience_s:.0f}s")
-            if state == "dead":
+        cfg = self.cfg.pool
+        for _ in range(2):  # once more for the executors just replaced
+            pool = self._probe(dict(enumerate(self.pool)), cfg.start_wait_s)
+            if any(state == "down" for state in pool.values()):
+                raise ray.exceptions.GetTimeoutError(
+                    f"a federated pool executor did not start in {cfg.start_wait_s:.0f}s (pool.start_wait_s); "
+                    f"does a node offer num_cpus {cfg.num_cpus} and the resources {cfg.resources or '{}'}?")
+            dead = [i for i, state in pool.items() if state == "dead"]
+            for i in dead:
                 self.log("[federated] an executor is out of restarts; starting a new one")
-                self.pool[i] = self.spawn(None)
-        for site in list(self.pinned):
-            wait = self.cfg.pool.site_wait_s if site in self.seen else patience_s
-            state = self._answers(self.pinned[site], wait)
-            if state == "dead":
-                self.log(f"[federated] site {site}'s executor is out of restarts; starting a new one")
-                self.pinned[site] = self.spawn(site)
-                state = self._answers(self.pinned[site], wait)
-            if state == "up":
-                self.seen.add(site)
+                self.pool[i] = self._replace(self.pool[i], None)
+            if not dead:
+                break
+        wait = cfg.site_wait_s if self.started else cfg.start_wait_s
+        sites = self._probe(dict(self.pinned), wait)
+        for site in [s for s, state in sites.items() if state == "dead"]:
+            self.log(f"[federated] site {site}'s executor is out of restarts; starting a new one")
+            self.pinned[site] = self._replace(self.pinned[site], site)
+        sites.update(self._probe({s: self.pinned[s] for s, state in sites.items() if state == "dead"}, wait))
+        self.started = True
+        for site, state in sorted(sites.items()):
             if state == "up" and site in self.down:
                 self.log(f"[federated] site {site} answers again; re-admitted")
                 self.down.discard(site)
             elif state != "up" and site not in self.down:
-                self.log(f"[federated] site {site} does not answer (its node may be gone); "
-                         "left out until it does")
+                self.log(f"[federated] site {site} does not answer (its node may be gone); left out until it does")
                 self.down.add(site)
 
     def _dispatch(self, round_: int, sampled: list[str], state: ServerState, global_ref: Any,

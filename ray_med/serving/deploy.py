@@ -97,7 +97,9 @@ def running(config: dict[str, Any], *, port: int | None = None) -> Iterator[str]
     logging_config = config.get("logging_config") or {}
     if "log_level" in logging_config:
         logging.getLogger("ray.serve").setLevel(logging_config["log_level"])
-    serve.start(http_options=http, logging_config=logging_config or None)
+    # The config's proxy_location (e.g. HeadOnly): Serve's default puts a proxy on every
+    # node, and on one machine those proxies would share the port.
+    serve.start(proxy_location=config.get("proxy_location"), http_options=http, logging_config=logging_config or None)
     if gcs:
         _embedded_serve[gcs] = http["port"]
     name = app_cfg.get("name", "ray_med")

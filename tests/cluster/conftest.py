@@ -10,8 +10,6 @@ one Ray connection, and this one is shut down when the module ends.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 
@@ -22,19 +20,28 @@ def cluster():
 
     if ray.is_initialized():  # another module's Ray: this module needs its own
         ray.shutdown()
-    # Nothing here is preempted; Train's watcher for spot nodes would only log about itself.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # A lost node is declared dead after ~2 s of missed health checks (default: ~15 s), so
-    # the tests see Ray's reaction to the loss, not its detection delay.
-    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
-              "health_check_failure_threshold": 2}
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 2, "resources": {"federated_pool": 2}, "include_dashboard": False,
-                                "_system_config": system})
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    # A lost node is declared dead after 3 missed health checks of 2 s (default: 5 of 3 s),
+    # so the tests see Ray's reaction to the loss rather than its detection delay, while a
+    # raylet starved for a few seconds on a busy 2-core machine is not declared dead.
+    system = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 2000, "health_check_timeout_ms": 3000,
+              "health_check_failure_threshold": 3}
+    with pytest.MonkeyPatch.context() as env:
+        # Nothing here is preempted; Train's watcher for spot nodes would only log about itself.
+        env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        c = Cluster(initialize_head=True,
+                    head_node_args={"num_cpus": 2, "resources": {"federated_pool": 2}, "include_dashboard": False,
+                                    "_system_config": system})
+        ray.init(address=c.address, log_to_driver=False)
+        try:
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
+
+@pytest.fixture
+def cluster_nodes(cluster):
+    """The module's cluster; every worker node a test added is removed after it, pass or fail."""
+    yield cluster
+    for node in list(cluster.worker_nodes):
+        cluster.remove_node(node)

@@ -238,6 +238,8 @@ BROKEN = {
                                 "run.storage"),
     "rayjob-missing-hospital": (K + "rayjob-federated.yaml", "resources: '\"{\\\"hospital_e\\\": 1}\"'",
                                 "resources: '\"{\\\"hospital_f\\\": 1}\"'", "hospital_e"),
+    "rayjob-no-pool-group": (K + "rayjob-federated.yaml", "resources: '\"{\\\"federated_pool\\\": 4}\"'",
+                             "resources: '\"{\\\"other_pool\\\": 4}\"'", "federated_pool"),
     "rayjob-resources-unquoted": (K + "rayjob-federated.yaml", "resources: '\"{\\\"hospital_e\\\": 1}\"'",
                                   "resources: '{\"hospital_e\": 1}'", "shell splits it"),
     "raycluster-typo": (K + "raycluster.yaml", "minReplicas: 0", "minReplica: 0",
