@@ -92,6 +92,14 @@ def load_state(storage: Storage) -> ServerState | None:
                        stopped=meta.get("stopped"))
 
 
+def _kill(actor: Any) -> None:
+    """``ray.kill`` without restart, best effort: an actor already gone (or Ray itself) has nothing left to stop."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def sample_clients(clients: list[str], fraction: float, minimum: int, rng: np.random.Generator) -> list[str]:
     k = min(len(clients), max(minimum, int(round(fraction * len(clients)))))
     return sorted(rng.choice(clients, size=k, replace=False).tolist())
@@ -120,18 +128,12 @@ class Federation:
     def close(self) -> None:
         """Stop every executor (the job is over); best effort, so the job's own error is the one raised."""
         for actor in [*self.pool, *self.pinned.values()]:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # noqa: BLE001  (already gone, or Ray itself is: nothing left to stop)
-                pass
+            _kill(actor)
 
     def _replace(self, old: Any, site: str | None) -> Any:
         # The old handle is killed first: a "dead" actor that Ray was still restarting would
         # otherwise come back and hold the site's one hospital_X resource forever.
-        try:
-            ray.kill(old, no_restart=True)
-        except Exception:  # noqa: BLE001  (already gone)
-            pass
+        _kill(old)
         return self.spawn(site)
 
     def _probe(self, actors: dict[Any, Any], wait_s: float) -> dict[Any, str]:
