@@ -104,16 +104,11 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
-def federated_multimodal(ray_session, shared_data, tmp_path_factory) -> Path:
+def federated_multimodal(ray_session, job_main, shared_data, tmp_path_factory) -> Path:
     """One tiny_multimodal federated run (2 rounds, every modality), shared by the federated and injection tests."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("job_federated_fixture", REPO / "jobs" / "federated.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     storage = tmp_path_factory.mktemp("federated_multimodal")
     args = ["--config", str(REPO / "jobs/configs/federated/tiny_multimodal.yaml"), f"run.storage={storage}",
             f"data_root={shared_data}", "rounds=2", "bootstrap=20"]
-    assert module.main(args) == 0
+    assert job_main("federated")(args) == 0
     (run,) = storage.glob("federated-*")
     return run

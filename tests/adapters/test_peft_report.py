@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,11 +13,8 @@ from ray_med.errors import ConfigError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_table2_counts_on_llama2_7b(capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("job_peft_report", REPO / "jobs" / "peft_report.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    assert job.main(["--config", str(REPO / "jobs/configs/peft_report/llama2_7b_table2.yaml")]) == 0
+def test_table2_counts_on_llama2_7b(job_main, capsys: pytest.CaptureFixture[str]) -> None:
+    assert job_main("peft_report")(["--config", str(REPO / "jobs/configs/peft_report/llama2_7b_table2.yaml")]) == 0
     out = capsys.readouterr().out
     report = json.loads(out.strip().splitlines()[-1])
     counts = {r["method"]: r["trainable"] for r in report["rows"]}

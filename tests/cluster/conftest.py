@@ -1,9 +1,10 @@
 """A multi-node Ray on one machine (``ray.cluster_utils.Cluster``) for the node-loss tests.
 
 The head (2 CPUs) runs the drivers' helpers: Ray Data, Train's controller, the federated
-server's pool (``federated_pool``: never a hospital's node), Serve's controller and proxy. Each test adds the worker nodes it needs, with the
-custom resources that place its work (``trainer``, ``hospital_*``, ``serve``), removes one
-under load, and removes its nodes when done. These tests run first in the session
+server's pool (``federated_pool``: never a hospital's node), Serve's controller and proxy.
+Each test adds the worker nodes it needs, with the custom resources that place its work
+(``trainer``, ``hospital_*``, ``serve``), removes one under load, and ``cluster_nodes``
+removes its nodes when it ends. These tests run first in the session
 (tests/conftest.py sorts them), before the shared single-node Ray exists: a process holds
 one Ray connection, and this one is shut down when the module ends.
 """

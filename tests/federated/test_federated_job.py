@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -21,13 +20,6 @@ NPZ = "pneumoniamnist/pneumoniamnist_trainval.npz"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _main(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _args(storage: Path, shared: Path, *extra: str) -> list[str]:
     return ["--config", str(REPO / CONFIG), f"run.storage={storage}", f"data_root={shared}", "rounds=3",
             "bootstrap=50", *extra]
@@ -42,8 +34,8 @@ def _weights(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "global" / "image" / "model.safetensors"))
 
 
-def test_fedavg_rounds_outputs_evaluation_and_rerun(ray_session, shared_data, tmp_path, capsys) -> None:
-    assert _main("federated")(_args(tmp_path, shared_data)) == 0
+def test_fedavg_rounds_outputs_evaluation_and_rerun(job_main, ray_session, shared_data, tmp_path, capsys) -> None:
+    assert job_main("federated")(_args(tmp_path, shared_data)) == 0
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if ln.startswith("[federated] round")]
     assert len(lines) == 3 and all("5/5 clients" in ln and "dev image auroc" in ln for ln in lines)
@@ -60,28 +52,28 @@ def test_fedavg_rounds_outputs_evaluation_and_rerun(ray_session, shared_data, tm
     assert cfg["tasks"] == {"pneumonia": ["normal", "pneumonia"]} and cfg["round"] == 3
 
     # evaluate.py federated on the held-out val split: the last stdout line is one JSON object.
-    ev = _main("evaluate")(["federated", "--model", str(run / "global"), "--modality", "image", "--task", "pneumonia",
+    ev = job_main("evaluate")(["federated", "--model", str(run / "global"), "--modality", "image", "--task", "pneumonia",
                             "--data", str(shared_data / NPZ), "--format", "medmnist", "--split", "val",
                             "--bootstrap", "50"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev == 0 and last["n"] == 270 and {"auroc_macro", "auroc_ci", "accuracy"} <= set(last)
     # Without --split, a file holding two splits is refused in one line.
-    assert _main("evaluate")(["federated", "--model", str(run / "global"), "--task", "pneumonia",
+    assert job_main("evaluate")(["federated", "--model", str(run / "global"), "--task", "pneumonia",
                               "--data", str(shared_data / NPZ), "--format", "medmnist"]) == 2
     assert "pick the one to score with --split" in capsys.readouterr().err
 
     # The same command again: the checkpoint says every round is done; nothing is retrained.
     before = _weights(run)
-    assert _main("federated")(_args(tmp_path, shared_data)) == 0
+    assert job_main("federated")(_args(tmp_path, shared_data)) == 0
     again = capsys.readouterr().out
     assert "resumed after round 3" in again and "[federated] round" not in again
     after = _weights(run)
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
-def test_killed_client_actor_is_dropped_then_readmitted(ray_session, shared_data, tmp_path, capsys) -> None:
+def test_killed_client_actor_is_dropped_then_readmitted(job_main, ray_session, shared_data, tmp_path, capsys) -> None:
     # The executor running client_0002 in round 2 dies (os._exit, as a kill): Ray restarts it.
-    assert _main("federated")(_args(tmp_path, shared_data, "crash_client=client_0002@2", "clients.min_per_round=3",
+    assert job_main("federated")(_args(tmp_path, shared_data, "crash_client=client_0002@2", "clients.min_per_round=3",
                                     "pool.max_restarts=2")) == 0
     rows = json.loads((_run_dir(tmp_path) / "rounds.json").read_text())["rounds"]
     assert "client_0002" in rows[0]["participants"]
@@ -90,16 +82,16 @@ def test_killed_client_actor_is_dropped_then_readmitted(ray_session, shared_data
     assert "client_0002" in rows[2]["participants"] and len(rows[2]["participants"]) == 5, rows[2]["dropped"]
 
 
-def test_malformed_client_data_fails_its_own_rounds_only(ray_session, shared_data, tmp_path) -> None:
-    assert _main("federated")(_args(tmp_path, shared_data, "fail_client=client_0001", "rounds=2")) == 0
+def test_malformed_client_data_fails_its_own_rounds_only(job_main, ray_session, shared_data, tmp_path) -> None:
+    assert job_main("federated")(_args(tmp_path, shared_data, "fail_client=client_0001", "rounds=2")) == 0
     rows = json.loads((_run_dir(tmp_path) / "rounds.json").read_text())["rounds"]
     assert all("malformed rows" in r["dropped"]["client_0001"] and len(r["participants"]) == 4 for r in rows)
 
 
-def test_killed_driver_resumes_at_the_saved_round_with_the_same_weights(ray_session, shared_data, tmp_path,
+def test_killed_driver_resumes_at_the_saved_round_with_the_same_weights(job_main, ray_session, shared_data, tmp_path,
                                                                          capsys) -> None:
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert _main("federated")(_args(whole, shared_data, "rounds=4")) == 0
+    assert job_main("federated")(_args(whole, shared_data, "rounds=4")) == 0
     # The same run in its own process, killed (SIGKILL, its embedded Ray with it) after round 2's checkpoint.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
@@ -118,7 +110,7 @@ def test_killed_driver_resumes_at_the_saved_round_with_the_same_weights(ray_sess
     assert any("holding after round 2" in ln for ln in seen), "".join(seen[-20:])
     capsys.readouterr()
     # The exact command again (the hook holds only after a round 2 it now never runs).
-    assert _main("federated")([*_args(cut, shared_data, "rounds=4"), "hold_after_round=2"]) == 0
+    assert job_main("federated")([*_args(cut, shared_data, "rounds=4"), "hold_after_round=2"]) == 0
     out = capsys.readouterr().out
     assert "resumed after round 2" in out
     assert [ln.split(":")[0] for ln in out.splitlines() if ln.startswith("[federated] round")] == [
@@ -127,11 +119,11 @@ def test_killed_driver_resumes_at_the_saved_round_with_the_same_weights(ray_sess
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_secure_aggregation_gives_the_plain_sum_even_with_a_dropout(ray_session, shared_data, tmp_path) -> None:
+def test_secure_aggregation_gives_the_plain_sum_even_with_a_dropout(job_main, ray_session, shared_data, tmp_path) -> None:
     # client_0003 advertises its key, then fails: the survivors reveal their seeds with it.
     common = ("rounds=2", "fail_client=client_0003")
-    assert _main("federated")(_args(tmp_path / "plain", shared_data, *common)) == 0
-    assert _main("federated")(_args(tmp_path / "masked", shared_data, *common, "secagg.enabled=true")) == 0
+    assert job_main("federated")(_args(tmp_path / "plain", shared_data, *common)) == 0
+    assert job_main("federated")(_args(tmp_path / "masked", shared_data, *common, "secagg.enabled=true")) == 0
     plain, masked = _weights(_run_dir(tmp_path / "plain")), _weights(_run_dir(tmp_path / "masked"))
     # Fixed point at 2^-24: the masked federation lands on the same weights to ~1e-6.
     assert all(np.allclose(plain[k], masked[k], atol=1e-5) for k in plain)
@@ -139,8 +131,8 @@ def test_secure_aggregation_gives_the_plain_sum_even_with_a_dropout(ray_session,
     assert all("client_0003" in r["dropped"] and len(r["participants"]) == 4 for r in rows)
 
 
-def test_client_level_dp_accounts_epsilon_and_stops_at_the_budget(ray_session, shared_data, tmp_path, capsys) -> None:
-    assert _main("federated")(_args(tmp_path, shared_data, "rounds=5", "clients.fraction=0.6",
+def test_client_level_dp_accounts_epsilon_and_stops_at_the_budget(job_main, ray_session, shared_data, tmp_path, capsys) -> None:
+    assert job_main("federated")(_args(tmp_path, shared_data, "rounds=5", "clients.fraction=0.6",
                                     "dp.enabled=true", "dp.clip=0.5", "dp.noise_multiplier=1.0",
                                     "dp.max_epsilon=9.0")) == 0
     out = capsys.readouterr().out
@@ -153,8 +145,8 @@ def test_client_level_dp_accounts_epsilon_and_stops_at_the_budget(ray_session, s
     assert (_run_dir(tmp_path) / "plots" / "epsilon.png").is_file()
 
 
-def test_a_thousand_virtual_clients_run_on_the_two_actor_pool(ray_session, shared_data, tmp_path) -> None:
-    assert _main("federated")(_args(tmp_path, shared_data, "rounds=1", "clients.count=1000",
+def test_a_thousand_virtual_clients_run_on_the_two_actor_pool(job_main, ray_session, shared_data, tmp_path) -> None:
+    assert job_main("federated")(_args(tmp_path, shared_data, "rounds=1", "clients.count=1000",
                                     "clients.fraction=0.1", "partition.scheme=iid", "local.batch_size=8",
                                     "clients.min_per_round=50")) == 0
     summary = json.loads((_run_dir(tmp_path) / "rounds.json").read_text())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -18,35 +17,28 @@ SEEN = {"pneumonia", "breast_cancer", "urology_note"}
 UNSEEN = {"lung_infection", "normal_cxr", "benign_mass"}
 
 
-def _main(name: str):
-    spec = importlib.util.spec_from_file_location(f"job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def _inject(tmp_path: Path, fed: Path, config: str, *extra: str) -> Path:
+def _inject(job_main, tmp_path: Path, fed: Path, config: str, *extra: str) -> Path:
     args = ["--config", str(REPO / "jobs/configs/inject" / config), f"run.storage={tmp_path}",
             f"federated.global_dir={fed / 'global'}", "bootstrap=50", *extra]
-    assert _main("inject")(args) == 0
+    assert job_main("inject")(args) == 0
     (run,) = tmp_path.glob("inject-*")
     return run
 
 
 @pytest.fixture(scope="module")
-def m3oe_run(federated_multimodal, tmp_path_factory) -> tuple[Path, str]:
+def m3oe_run(job_main, federated_multimodal, tmp_path_factory) -> tuple[Path, str]:
     """One M3OE injection on a real Ray Train worker (shared by the job, evaluation and serving tests)."""
     import contextlib
     import io
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        run = _inject(tmp_path_factory.mktemp("m3oe"), federated_multimodal, "tiny_m3oe.yaml", "train.epochs=2",
+        run = _inject(job_main, tmp_path_factory.mktemp("m3oe"), federated_multimodal, "tiny_m3oe.yaml", "train.epochs=2",
                       "scaling.num_workers=1")
     return run, buf.getvalue()
 
 
-def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(m3oe_run, capsys) -> None:
+def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(job_main, m3oe_run, capsys) -> None:
     run, out = m3oe_run
     assert "normal_cxr (unseen) test: macro AUROC" in out and "gate pneumonia: entropy" in out
     metrics = json.loads((run / "metrics.json").read_text())
@@ -68,7 +60,7 @@ def test_m3oe_injection_scores_seen_and_unseen_tasks_and_folds_each_task(m3oe_ru
     data = "pkg://sklearn/datasets/data/breast_cancer.csv"
     lines = []
     for adapter in (run / "adapter", run / "folded" / "benign_mass"):
-        assert _main("evaluate")(["multimodal", "--model", str(run / "model"), "--adapter", str(adapter),
+        assert job_main("evaluate")(["multimodal", "--model", str(run / "model"), "--adapter", str(adapter),
                                   "--task", "benign_mass", "--data", data, "--format",
                                   "breast_cancer_csv", "--limit", "80", "--bootstrap", "20"]) == 0
         lines.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
@@ -141,12 +133,12 @@ def test_serving_an_injected_task_folded_answers_as_the_live_gate(m3oe_run, shar
         serve.shutdown()
 
 
-def test_fedplug_and_fedplugl_train_at_the_m3oe_budget(federated_multimodal, tmp_path) -> None:
+def test_fedplug_and_fedplugl_train_at_the_m3oe_budget(job_main, federated_multimodal, tmp_path) -> None:
     common = ["train.max_steps=3", "scaling.num_workers=0", "unseen=[]"]
-    plug = json.loads((_inject(tmp_path / "a", federated_multimodal, "tiny_fedplug.yaml", *common)
+    plug = json.loads((_inject(job_main, tmp_path / "a", federated_multimodal, "tiny_fedplug.yaml", *common)
                        / "metrics.json").read_text())
     assert plug["adapter_params"] == 0 and plug["adapter_dir"] is None and plug["gate"] == {}
-    run = _inject(tmp_path / "b", federated_multimodal, "tiny_fedplugl.yaml", *common)
+    run = _inject(job_main, tmp_path / "b", federated_multimodal, "tiny_fedplugl.yaml", *common)
     lora = json.loads((run / "metrics.json").read_text())
     assert adapter_type(run / "adapter") == "LORA"
     # The LoRA's rank is chosen so its parameters come as close as a rank can to M3OE's budget.
@@ -155,9 +147,9 @@ def test_fedplug_and_fedplugl_train_at_the_m3oe_budget(federated_multimodal, tmp
     assert lora["trainable"] - lora["adapter_params"] == plug["trainable"]  # the same projectors
 
 
-def test_two_workers_train_in_lockstep_and_score_once(federated_multimodal, tmp_path) -> None:
+def test_two_workers_train_in_lockstep_and_score_once(job_main, federated_multimodal, tmp_path) -> None:
     # 339 public items, batch 16: each of the 2 ranks takes every 2nd batch of the seeded plan (DDP).
-    run = _inject(tmp_path, federated_multimodal, "tiny_m3oe.yaml", "train.max_steps=4", "scaling.num_workers=2",
+    run = _inject(job_main, tmp_path, federated_multimodal, "tiny_m3oe.yaml", "train.max_steps=4", "scaling.num_workers=2",
                   "bootstrap=20")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["workers"] == 2 and metrics["steps"] == 4
@@ -166,14 +158,14 @@ def test_two_workers_train_in_lockstep_and_score_once(federated_multimodal, tmp_
     assert adapter_type(run / "adapter") == "M3OE"
 
 
-def test_interleaved_rounds_alternate_federated_rounds_and_injection_epochs(shared_data, ray_session, tmp_path,
+def test_interleaved_rounds_alternate_federated_rounds_and_injection_epochs(job_main, shared_data, ray_session, tmp_path,
                                                                              capsys) -> None:
     fed = REPO / "jobs/configs/federated/tiny_multimodal.yaml"
     args = ["--config", str(REPO / "jobs/configs/inject/tiny_m3oe.yaml"), f"run.storage={tmp_path}",
             "rounds_interleaved=true", f"federated.config={fed}",
             f"federated.overrides=[rounds=2, bootstrap=10, data_root={shared_data}]", "bootstrap=20",
             "scaling.num_workers=0", "unseen=[]", "train.batch_size=32"]
-    assert _main("inject")(args) == 0
+    assert job_main("inject")(args) == 0
     out = capsys.readouterr().out
     assert "[inject] round 1/2" in out and "[inject] round 2/2" in out
     (run,) = tmp_path.glob("inject-*")
@@ -186,7 +178,7 @@ def test_interleaved_rounds_alternate_federated_rounds_and_injection_epochs(shar
     assert np.isfinite(metrics["best_dev"])
 
 
-def test_bad_input_fails_before_any_worker_in_one_line(federated_multimodal, tmp_path, capsys) -> None:
+def test_bad_input_fails_before_any_worker_in_one_line(job_main, federated_multimodal, tmp_path, capsys) -> None:
     base = ["--config", str(REPO / "jobs/configs/inject/tiny_m3oe.yaml"), f"run.storage={tmp_path}"]
     fed = f"federated.global_dir={federated_multimodal / 'global'}"
     cases = [
@@ -198,6 +190,6 @@ def test_bad_input_fails_before_any_worker_in_one_line(federated_multimodal, tmp
         ([fed, "unseen.0.description=Pneumonia detection from a chest X-ray"], "never appear in training"),
     ]
     for extra, message in cases:
-        assert _main("inject")(base + extra) == 2, extra
+        assert job_main("inject")(base + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and "Traceback" not in "\n".join(err), (extra, err[-1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,26 +16,19 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _pipeline_main():
-    spec = importlib.util.spec_from_file_location("job_pipeline", REPO / "jobs" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def _attempts(run_dir: Path) -> int:
     """How many times a stage's job really ran (each run appends an attempt to its run.json)."""
     return len(json.loads((run_dir / "run.json").read_text())["attempts"])
 
 
-def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, tiny_stage_overrides, tmp_path,
+def test_pipeline_runs_every_stage_then_reuses_them(job_main, ray_session, shared_data, tiny_stage_overrides, tmp_path,
                                                     capsys) -> None:
     args = [
         "--config", str(REPO / "jobs/configs/pipeline/tiny.yaml"),
         f"run.storage={tmp_path}", f"corpus.root={shared_data}", "tokenizer.vocab_size=1024",
         *tiny_stage_overrides,
     ]
-    code = _pipeline_main()(args)
+    code = job_main("pipeline")(args)
     out = capsys.readouterr().out
     assert code == 0
     assert "run folder:" in out and "| abstracts |" in out
@@ -147,7 +139,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, ti
 
     # The same command again: every stage is reused, none runs (no new attempt is recorded,
     # no training step is taken), and the same tables are printed.
-    assert _pipeline_main()(args) == 0
+    assert job_main("pipeline")(args) == 0
     again = capsys.readouterr().out
     assert again.count("cached: ") == 10 and "pretraining finished" not in again
     assert "| trial | lr | r |" in again.split("== stage: sweep ==")[1]
@@ -165,7 +157,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(ray_session, shared_data, ti
     # A changed override of the downstream stage reruns it (and what comes after it), nothing before.
     changed = [a.replace("train.epochs=1", "train.epochs=2") for a in args]
     changed += ["serve.enabled=false", "serve_vlm.enabled=false", "federated.enabled=false", "inject.enabled=false"]
-    assert _pipeline_main()(changed) == 0
+    assert job_main("pipeline")(changed) == 0
     third = capsys.readouterr().out
     for stage in ("data", "pretrain", "domain"):
         assert f"== stage: {stage} ==\ncached: " in third

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,16 +15,9 @@ from ray_med.evaluation.qa_eval import predictions_path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _evaluate():
-    spec = importlib.util.spec_from_file_location("job_evaluate_qa", REPO / "jobs" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_qa_cot_on_medqa(serve_models, tmp_path, capsys):
+def test_qa_cot_on_medqa(job_main, serve_models, tmp_path, capsys):
     preds = tmp_path / "p.jsonl"
-    code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl"),
+    code = job_main("evaluate")(["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl"),
                         "--format", "medqa", "--mode", "cot", "--max-new-tokens", "24", "--predictions", str(preds)])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -36,8 +28,8 @@ def test_qa_cot_on_medqa(serve_models, tmp_path, capsys):
     assert all(r["answer"] == r["gold"] and "the answer is" in r["rationale"] for r in rows)
 
 
-def test_qa_on_real_pubmedqa_top_token(serve_models, shared_data, tmp_path, capsys):
-    code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data",
+def test_qa_on_real_pubmedqa_top_token(job_main, serve_models, shared_data, tmp_path, capsys):
+    code = job_main("evaluate")(["qa", "--model", str(serve_models["lm"]), "--data",
                         str(shared_data / "pubmedqa/pqal_trainval.json"), "--format", "pubmedqa", "--limit", "20",
                         "--shots", "2", "--shots-file", str(shared_data / "pubmedqa/pqal_trainval.json"),
                         "--predictions", str(tmp_path / "p.jsonl")])
@@ -48,10 +40,10 @@ def test_qa_on_real_pubmedqa_top_token(serve_models, shared_data, tmp_path, caps
     assert set(row["scores"]) == {"yes", "no", "maybe"} and row["gold"] in ("yes", "no", "maybe")
 
 
-def test_predictions_go_beside_the_model_not_into_the_working_directory(serve_models, tmp_path, monkeypatch,
+def test_predictions_go_beside_the_model_not_into_the_working_directory(job_main, serve_models, tmp_path, monkeypatch,
                                                                        capsys):
     monkeypatch.chdir(tmp_path)
-    code = _evaluate()(["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl"),
+    code = job_main("evaluate")(["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl"),
                         "--format", "medqa", "--limit", "2"])
     assert code == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -88,8 +80,8 @@ def test_predictions_path(tmp_path) -> None:
     (["--format", "medqa", "--shots", "2"], "--shots needs --shots-file"),
     (["--format", "medqa", "--mode", "sc_cot", "--temperature", "0"], "temperature must be > 0"),
 ])
-def test_qa_errors_are_clear(serve_models, args, message, capsys):
+def test_qa_errors_are_clear(job_main, serve_models, args, message, capsys):
     base = ["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl")]
-    code = _evaluate()(base + args)
+    code = job_main("evaluate")(base + args)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
