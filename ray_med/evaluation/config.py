@@ -103,6 +103,9 @@ class QAEvalConfig:
     """Only the first N questions."""
     batch_size: int = 8
     """Prompts per forward pass in top_token mode."""
+    decode_batch: int = 64
+    """cot / sc_cot: sequences decoded together (every sample of every item shares one decode
+    loop; 1 decodes one sequence at a time, with the same answers)."""
     predictions: str | None = None
     """Per-item predictions file (JSONL); default: qa/<data>-<mode>-<shots>shot-seed<seed>.jsonl beside the
     adapter, or else the model (its run folder when a job wrote it); "" writes none."""

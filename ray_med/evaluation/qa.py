@@ -13,6 +13,9 @@ Three modes, after Meditron's evaluation, with two of its flaws fixed:
   let failed extractions vote; here they are counted but do not vote, and the item
   abstains when none is valid.
 
+Rationales are decoded by :class:`ray_med.generation.decoder.BatchDecoder`, many items
+and samples at once, with the seeding rule of :func:`cot_requests`.
+
 The prompts themselves (instruction, exemplars, answer cue, fitting to the context) are
 the task's: :mod:`ray_med.tasks.prompts`. Everything here is plain torch and
 transformers (no Ray), so the offline job and the server call the same functions and
@@ -31,6 +34,7 @@ import torch
 
 from ray_med.errors import DataError
 from ray_med.evaluation.config import QAConfig
+from ray_med.generation.decoder import BatchDecoder, GenRequest, sample_seed
 from ray_med.tasks.prompts import QAItem, fit_prompt, select_shots
 
 Mode = Literal["top_token", "cot", "sc_cot"]
@@ -139,31 +143,6 @@ def top_token(model: Any, tokenizer: Any, prompts: Sequence[list[int]], choices:
     return out
 
 
-def generate(
-    model: Any, tokenizer: Any, prompt: list[int], *, n: int = 1, temperature: float = 0.0,
-    max_new_tokens: int = 128, seed: int = 0, stopping_criteria: Any = None,
-) -> list[str]:
-    """``n`` continuations of ``prompt``: greedy when ``temperature`` is 0, else sampled with ``seed``.
-
-    ``stopping_criteria`` (a transformers ``StoppingCriteriaList``) can end it early, e.g. the
-    server's check of a cancelled request between tokens.
-    """
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    sample = temperature > 0
-    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new_tokens, "num_return_sequences": n}
-    if stopping_criteria is not None:
-        kwargs["stopping_criteria"] = stopping_criteria
-    if sample:
-        kwargs.update(temperature=temperature, top_p=1.0, top_k=0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        torch.manual_seed(seed)  # generate() has no generator argument; callers serialise model use
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pad_token_id=pad,
-                             eos_token_id=tokenizer.eos_token_id, **kwargs)
-    return tokenizer.batch_decode(out[:, len(prompt):], skip_special_tokens=True)
-
-
 # --------------------------------------------------------------------------- extraction and voting
 
 
@@ -216,17 +195,30 @@ def vote(answers: Sequence[str | None]) -> tuple[str | None, dict[str, int], int
     return winner, votes, len(answers) - len(valid)
 
 
-def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Sequence[str], cfg: QAConfig,
-                     *, stopping_criteria: Any = None) -> QAResult:
-    """cot (one greedy rationale) or sc_cot (``cfg.n`` sampled rationales and a vote)."""
+# Where a rationale may stop: the model has started another question (``_STOP``'s usual
+# forms). Generation ends there; the answer was extracted from the text before it anyway.
+STOP_STRINGS = ("\nQuestion:", "\nContext:", "\nOptions:")
+
+
+def cot_requests(prompt: list[int], cfg: QAConfig, *, seed: int | None = None,
+                 adapter: str | None = None) -> list[GenRequest]:
+    """The sequences cot (one greedy) or sc_cot (``cfg.n`` sampled) decodes for one prompt.
+
+    Sample ``j`` draws from its own generator seeded ``sample_seed(seed, j)`` (``seed``:
+    ``cfg.seed`` when None), so a seeded item gets the same rationales alone, in any
+    batch, offline or served.
+    """
     if cfg.mode == "sc_cot" and cfg.temperature <= 0:
         raise DataError("sc_cot samples its rationales: temperature must be > 0 (use cot for greedy)")
+    s = cfg.seed if seed is None else seed
     if cfg.mode == "cot":
-        texts = generate(model, tokenizer, prompt, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                         stopping_criteria=stopping_criteria)
-    else:
-        texts = generate(model, tokenizer, prompt, n=cfg.n, temperature=cfg.temperature,
-                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, stopping_criteria=stopping_criteria)
+        return [GenRequest(prompt, cfg.max_new_tokens, adapter=adapter, stop=STOP_STRINGS)]
+    return [GenRequest(prompt, cfg.max_new_tokens, temperature=cfg.temperature, seed=sample_seed(s, j),
+                       adapter=adapter, stop=STOP_STRINGS) for j in range(cfg.n)]
+
+
+def cot_result(texts: Sequence[str], choices: Sequence[str]) -> QAResult:
+    """The answer of cot / sc_cot rationales: each extracted, then the vote over the valid ones."""
     answers = [extract_answer(t, choices) for t in texts]
     winner, votes, invalid = vote(answers)
     rationale = next((_own_answer(t) for t, a in zip(texts, answers, strict=True) if a == winner),
@@ -235,14 +227,27 @@ def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Seq
                     rationale=rationale, samples=list(texts))
 
 
+def chain_of_thought(model: Any, tokenizer: Any, prompt: list[int], choices: Sequence[str], cfg: QAConfig,
+                     ) -> QAResult:
+    """cot (one greedy rationale) or sc_cot (``cfg.n`` sampled rationales and a vote) of one prompt."""
+    seqs = BatchDecoder(model, tokenizer, max_batch=max(cfg.n, 1)).run(cot_requests(prompt, cfg))
+    return cot_result([s.text for s in seqs], choices)
+
+
 # --------------------------------------------------------------------------- whole sets
 
 
 def answer_items(
     model: Any, tokenizer: Any, items: Sequence[QAItem], cfg: QAConfig, *,
-    pool: Sequence[QAItem] = (), batch_size: int = 8,
+    pool: Sequence[QAItem] = (), batch_size: int = 8, decode_batch: int = 64,
 ) -> list[QAResult]:
-    """Answer every item as ``cfg`` says; exemplars (``cfg.shots``) come from ``pool``."""
+    """Answer every item as ``cfg`` says; exemplars (``cfg.shots``) come from ``pool``.
+
+    top_token scores ``batch_size`` prompts per forward pass. cot and sc_cot decode every
+    item's rationales (all ``n`` samples of each) in one :class:`BatchDecoder` of up to
+    ``decode_batch`` sequences, the loop the server generates with: the answers are the
+    ones each item gets alone (the same seeds, greedy independent of the batch).
+    """
     limit = prompt_limit(model, cfg)
     prompts = [fit_prompt(tokenizer, it, select_shots(list(pool), cfg.shots, cfg.seed, it), cfg.mode, limit)
                for it in items]
@@ -251,7 +256,13 @@ def answer_items(
         for i in range(0, len(items), batch_size):
             out += top_token(model, tokenizer, prompts[i : i + batch_size], [it.choices for it in items[i : i + batch_size]])
         return out
-    return [chain_of_thought(model, tokenizer, p, it.choices, cfg) for p, it in zip(prompts, items, strict=True)]
+    per_item = [cot_requests(p, cfg) for p in prompts]
+    seqs = BatchDecoder(model, tokenizer, max_batch=decode_batch).run([r for reqs in per_item for r in reqs])
+    results, k = [], 0
+    for it, reqs in zip(items, per_item, strict=True):
+        results.append(cot_result([s.text for s in seqs[k : k + len(reqs)]], it.choices))
+        k += len(reqs)
+    return results
 
 
 def qa_metrics(items: Sequence[QAItem], results: Sequence[QAResult]) -> dict[str, Any]:

@@ -60,7 +60,8 @@ def qa_task(cfg: QAEvalConfig) -> EvalOutputs:
     with lm.use("adapter" if cfg.adapter else None) as model:
         # Once the model and adapter loaded (a missing one is reported as such), before answering.
         path = predictions_path(cfg)
-        results = answer_items(model, lm.tokenizer, items, cfg.qa, pool=pool, batch_size=cfg.batch_size)
+        results = answer_items(model, lm.tokenizer, items, cfg.qa, pool=pool, batch_size=cfg.batch_size,
+                               decode_batch=cfg.decode_batch)
     metrics = {"task": "qa", "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "format": cfg.format,
                "mode": cfg.qa.mode, "shots": cfg.qa.shots, "seed": cfg.qa.seed, **qa_metrics(items, results)}
     if path is not None:

@@ -46,13 +46,15 @@ from ray_med.evaluation.multimodal import (
 )
 from ray_med.evaluation.qa import (
     QAResult,
-    chain_of_thought,
     choice_token_ids,
     context_length,
-    generate,
+    cot_requests,
+    cot_result,
     prompt_limit,
     top_token,
 )
+from ray_med.generation.decoder import BatchDecoder, GenRequest, Sequence_, sample_seed
+from ray_med.generation.spec import GenSpec
 from ray_med.models import inference_device, load_base_model, load_tokenizer
 from ray_med.models.vlm import IMAGE_TOKEN, add_image_token, load_vlm
 from ray_med.serving.schemas import data_url_base64, image_bytes
@@ -88,33 +90,86 @@ def _stops(cancel: threading.Event | None) -> StoppingCriteriaList | None:
 
 @dataclass
 class Generation:
-    """A generated text and its token counts."""
+    """A generated text, its token counts and why it ended (stop, length or cancelled)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finish_reason: str = "stop"
+
+
+def message_text(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Chat messages with string contents: text parts joined; an image part is refused (a text-only model)."""
+    turns = []
+    for m in messages:
+        content = m["content"]
+        if not isinstance(content, str):
+            if any(p.get("type") != "text" for p in content):
+                raise DataError("the served model is text-only: content parts must be text")
+            content = "".join(p["text"] for p in content)
+        turns.append({"role": m["role"], "content": content})
+    return turns
 
 
 class LMEngine:
-    """A causal LM with its tokenizer and LoRA adapters: QA, generation and chat."""
+    """A causal LM with its tokenizer and LoRA adapters: QA, generation and chat.
+
+    Every generation (``/v1/generate``, chat, completions, cot and sc_cot QA) goes
+    through one :class:`~ray_med.generation.decoder.BatchDecoder`: the Serve replica
+    submits requests as they arrive and drives :meth:`step` on its compute thread, so
+    concurrent requests decode together. In process, :meth:`complete` and
+    :meth:`chain_of_thought` decode one request to the end.
+    """
 
     def __init__(self, model_path: str, adapters: dict[str, str], *, qa: QAConfig | None = None,
-                 shots: Sequence[QAItem] = ()) -> None:
+                 shots: Sequence[QAItem] = (), max_batch: int = 32) -> None:
         self.model_path = model_path
         self.lm = load_lm(model_path, adapters)
         self.model, self.tokenizer, self.host = self.lm.model, self.lm.tokenizer, self.lm.host
         self.qa = qa or QAConfig()
         self.shots = list(shots)
+        self.decoder = BatchDecoder(self.model, self.tokenizer, max_batch=max_batch, use=self.lm.use)
+        self._deferred: set[str] = set()
 
     @property
     def adapters(self) -> dict[str, str]:
         return self.lm.adapters
 
     def load_adapter(self, name: str) -> None:
+        self._deferred.discard(name)
         self.lm.load_adapter(name)
 
     def unload_adapter(self, name: str) -> None:
-        self.lm.unload_adapter(name)
+        # The adapter cache may evict an adapter that sequences still decode with: it is
+        # dropped once they end (step), not under them.
+        if name in self.decoder.adapters_in_use():
+            self._deferred.add(name)
+        else:
+            self.lm.unload_adapter(name)
+
+    def step(self) -> list[Sequence_]:
+        """One decode step of every running sequence; the sequences that ended."""
+        ended = self.decoder.step()
+        for name in self._deferred - self.decoder.adapters_in_use():
+            self._deferred.discard(name)
+            self.lm.unload_adapter(name)
+        return ended
+
+    def submit(self, req: GenRequest, on_text: Any = None) -> Sequence_:
+        """Queue one sequence (checked first: a bad one fails alone); it joins the batch at the next step."""
+        if req.adapter is not None and req.adapter not in self.lm.adapters:
+            raise ModelError(f"unknown adapter {req.adapter!r}; this server has {sorted(self.lm.adapters) or 'none'}")
+        return self.decoder.submit(req, on_text)
+
+    def decode(self, reqs: Sequence[GenRequest], cancel: threading.Event | None = None) -> list[Sequence_]:
+        """Decode ``reqs`` to the end in process (stops within one token once ``cancel`` is set)."""
+        seqs = [self.submit(r) for r in reqs]
+        while not all(s.done for s in seqs):
+            if cancel is not None and cancel.is_set():
+                for s in seqs:
+                    s.cancel()
+            self.step()
+        return seqs
 
     def qa_config(self, **request: Any) -> QAConfig:
         """The server's QA settings with a request's mode, n, temperature and seed applied."""
@@ -136,15 +191,19 @@ class LMEngine:
         with self.lm.use(adapter) as model:
             return top_token(model, self.tokenizer, prompts, choices)
 
-    def chain_of_thought(self, prompt: list[int], choices: Sequence[str], cfg: QAConfig, adapter: str | None, *,
-                         seed: int | None = None, cancel: threading.Event | None = None) -> QAResult:
-        """cot or sc_cot; sc_cot samples with ``seed`` (None: a random one), and stops early once ``cancel`` is set.
+    def cot_requests(self, prompt: list[int], cfg: QAConfig, adapter: str | None, *,
+                     seed: int | None = None) -> list[GenRequest]:
+        """cot / sc_cot's sequences; sc_cot samples with ``seed`` (None: a random one).
 
         ``cfg.seed`` chose the prompt's exemplars; the sampling seed is the request's own.
         """
-        cfg = replace(cfg, seed=sampling_seed(seed))
-        with self.lm.use(adapter) as model:
-            return chain_of_thought(model, self.tokenizer, prompt, choices, cfg, stopping_criteria=_stops(cancel))
+        return cot_requests(prompt, cfg, seed=sampling_seed(seed), adapter=adapter)
+
+    def chain_of_thought(self, prompt: list[int], choices: Sequence[str], cfg: QAConfig, adapter: str | None, *,
+                         seed: int | None = None, cancel: threading.Event | None = None) -> QAResult:
+        """cot or sc_cot of one prompt, decoded to the end in process."""
+        seqs = self.decode(self.cot_requests(prompt, cfg, adapter, seed=seed), cancel)
+        return cot_result([s.text for s in seqs], choices)
 
     def encode_prompt(self, text: str, max_new_tokens: int) -> list[int]:
         """Prompt ids, or a clear error when the prompt and the tokens to generate overflow the context."""
@@ -155,28 +214,38 @@ class LMEngine:
                                 f"exceeds the model's {context}-token context")
         return ids
 
-    def generate(self, prompt: list[int], *, max_new_tokens: int, temperature: float, seed: int | None,
-                 adapter: str | None, cancel: threading.Event | None = None) -> str:
-        """One continuation; sampled with ``seed`` (None: a random one) when ``temperature`` > 0.
-
-        Generation checks ``cancel`` between tokens and stops once it is set, so a
-        cancelled or timed-out request frees the model within one token.
-        """
-        with self.lm.use(adapter) as model:
-            return generate(model, self.tokenizer, prompt, temperature=temperature, max_new_tokens=max_new_tokens,
-                            seed=sampling_seed(seed), stopping_criteria=_stops(cancel))[0]
+    def gen_request(self, spec: GenSpec, adapter: str | None) -> GenRequest:
+        """The sequence a request decodes: its prompt (or chat) encoded and checked, seeded by its own seed."""
+        if spec.image is not None:
+            raise DataError("the served model is text-only; images need a multimodal model")
+        if spec.messages is not None:
+            text = self.chat_prompt(message_text(spec.messages))
+        elif spec.prompt is not None:
+            text = spec.prompt
+        else:
+            raise DataError("send a prompt or messages")
+        req = GenRequest(self.encode_prompt(text, spec.max_new_tokens), spec.max_new_tokens,
+                         temperature=spec.temperature, top_p=spec.top_p, seed=sample_seed(sampling_seed(spec.seed)),
+                         adapter=adapter or None, stop=tuple(spec.stop))
+        req.check(context_length(self.model))
+        return req
 
     def complete(self, text: str, *, max_new_tokens: int, temperature: float, seed: int | None,
                  adapter: str | None, cancel: threading.Event | None = None) -> Generation:
-        """Encode, check, generate and count: one generation request."""
-        ids = self.encode_prompt(text, max_new_tokens)
-        out = self.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, adapter=adapter,
-                            cancel=cancel)
-        return Generation(out, len(ids), len(self.tokenizer(out, add_special_tokens=False)["input_ids"]))
+        """One generation request decoded in process; it stops within one token once ``cancel`` is set."""
+        req = self.gen_request(GenSpec(prompt=text, max_new_tokens=max_new_tokens, temperature=temperature,
+                                       seed=seed), adapter)
+        (seq,) = self.decode([req], cancel)
+        return generation(seq)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
         """The tokenizer's chat template when it has one, else plain "role: content" turns."""
         return render_chat(self.tokenizer, messages)
+
+
+def generation(seq: Sequence_) -> Generation:
+    """A decoded sequence as a Generation."""
+    return Generation(seq.text, len(seq.req.prompt), len(seq.tokens), seq.finish_reason or "stop")
 
 
 def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> str:

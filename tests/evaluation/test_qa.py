@@ -166,3 +166,16 @@ def test_choice_tokens_follow_the_cue_with_a_sentencepiece_tokenizer():
     assert [tok.convert_ids_to_tokens(i) for i in ids] == [f"▁{c}" for c in "ABCDE"]
     yn = choice_token_ids(tok, ["yes", "no", "maybe"])
     assert tok.convert_ids_to_tokens(yn[1]) == "▁no"
+
+
+@pytest.mark.parametrize("mode", ["cot", "sc_cot"])
+def test_batched_cot_answers_equal_one_at_a_time(lm, tiny_tokenizer, mode):
+    """Every item and sample decoded in one loop gives what each item gets alone (sc_cot: same seeds)."""
+    cfg = QAConfig(mode=mode, n=3, temperature=1.0, max_new_tokens=10, seed=11)
+    items = [MCQ, YESNO, QAItem("q3", "Is PKU autosomal recessive?", answer="yes")]
+    batched = answer_items(lm, tiny_tokenizer, items, cfg, decode_batch=64)
+    sequential = answer_items(lm, tiny_tokenizer, items, cfg, decode_batch=1)
+    per_item = [answer_items(lm, tiny_tokenizer, [it], cfg)[0] for it in items]
+    for a, b, c in zip(batched, sequential, per_item, strict=True):
+        assert a.samples == b.samples == c.samples and a.votes == b.votes == c.votes and a.answer == c.answer
+    assert len(batched[0].samples) == (1 if mode == "cot" else 3)

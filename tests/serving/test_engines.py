@@ -181,3 +181,28 @@ def _item():
 
     return QAItem(id="q", question="Which enzyme is deficient in phenylketonuria?",
                   options={"A": "Tyrosinase", "B": "Phenylalanine hydroxylase"})
+
+
+def test_mixed_adapters_decode_in_one_batch_as_they_do_alone(serve_models):
+    """Base, adapter a and adapter b interleaved in one decode loop: each sequence equals its run alone;
+    an adapter evicted while its sequences decode is dropped only once they end."""
+    from ray_med.generation.decoder import GenRequest
+    from ray_med.serving.engines import LMEngine
+
+    engine = LMEngine(str(serve_models["lm"]), {"a": str(serve_models["lora_a"]), "b": str(serve_models["lora_b"])})
+    prompt = engine.encode_prompt("Chest X-ray shows", 16)
+    names = [None, "a", "b", "a", None, "b"]
+    solo = [engine.decode([GenRequest(prompt, 16, adapter=n)])[0].tokens for n in names]
+    assert solo[0] != solo[1] != solo[2]  # the adapters really differ
+    seqs = [engine.submit(GenRequest(prompt, 16, adapter=n)) for n in names[:3]]
+    engine.step()
+    seqs += [engine.submit(GenRequest(prompt, 16, adapter=n)) for n in names[3:]]  # join a running batch
+    engine.step()
+    engine.unload_adapter("a")  # the LRU evicts it mid-decode: deferred
+    assert "a" in engine.host.loaded
+    while engine.decoder.busy():
+        engine.step()
+    assert [s.tokens for s in seqs] == solo
+    assert "a" not in engine.host.loaded and "b" in engine.host.loaded
+    with pytest.raises(ModelError, match="unknown adapter 'z'"):
+        engine.submit(GenRequest(prompt, 4, adapter="z"))

@@ -7,26 +7,36 @@ The folder decides (:func:`~ray_med.models.vlm.is_vlm_folder`): a LLaVA folder g
 folder's config and sends a multimodal model no QA and a text-only one no images.
 
 Top-token QA is dynamically batched (one adapter per batch: Serve splits batches by the
-multiplexed model id); chain-of-thought QA and generation run one request at a time, and
-stop between tokens when their request is cancelled (the client left, or it timed out).
-Sampling uses the request's ``seed``, or a random one when it has none.
+multiplexed model id). Generation (``generate_text``, ``generate_stream``) and
+chain-of-thought QA on a causal LM share one decode loop
+(:class:`~ray_med.generation.decoder.BatchDecoder`): a request is submitted on the
+compute thread and joins the running batch at the next step; one driver task runs the
+steps back to back on that thread, so adapter loads and top-token batches interleave
+between steps. A streaming request receives its text as it is decoded; a cancelled one
+(the client left, or it timed out) leaves the batch at the next step. Sampling uses the
+request's ``seed``, or a random one when it has none. A multimodal model generates one
+request at a time.
 Requests arrive as the gateway's typed request bodies and leave as typed results; a
 library error is raised and reaches the gateway as itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from ray_med.data import read_records
-from ray_med.evaluation.qa import QAResult
+from ray_med.evaluation.qa import QAResult, cot_result
+from ray_med.generation.decoder import GenRequest, Sequence_
+from ray_med.generation.spec import Delta, Done, GenSpec
 from ray_med.injection.engine import InjectedEngine, is_injected
 from ray_med.models.vlm import is_vlm_folder
 from ray_med.serving.config import ServeAppConfig
 from ray_med.serving.deployments.replica import ComputeThread, adapter_cache, batched, raise_if_error
-from ray_med.serving.engines import Generation, LMEngine, VLMEngine
+from ray_med.serving.engines import Generation, LMEngine, VLMEngine, generation
 from ray_med.serving.errors import HTTPError
 from ray_med.serving.schemas import ChatRequest, ClassifyRequest, GenerateRequest, QARequest, image_bytes
 from ray_med.tasks.prompts import QAItem, item_from_record
@@ -55,7 +65,9 @@ class LMServer:
         if self.multimodal:
             self.vlm = VLMEngine(cfg.model)
             return
-        self.engine = LMEngine(cfg.model, cfg.adapters, qa=cfg.qa, shots=_shots(cfg))
+        self.engine = LMEngine(cfg.model, cfg.adapters, qa=cfg.qa, shots=_shots(cfg), max_batch=cfg.lm.max_batch_size)
+        self._driver: asyncio.Task | None = None
+        self._waiters: dict[int, asyncio.Future] = {}
         self.get_adapter = adapter_cache(self.thread, self.engine.load_adapter, self.engine.unload_adapter,
                                          cfg.lm.max_adapters)
         self._top_token_batch = batched(self._top_token, cfg.lm)
@@ -88,32 +100,110 @@ class LMServer:
         if cfg.mode == "top_token":
             return raise_if_error(await self._top_token_batch(prompt, item.choices))
         adapter = await self._adapter()
-        return await self.thread.run_cancellable(self.engine.chain_of_thought, prompt, item.choices, cfg, adapter,
-                                                 seed=req.seed)
+        seqs = await self._decode(self.engine.cot_requests(prompt, cfg, adapter, seed=req.seed))
+        return cot_result([s.text for s in seqs], item.choices)
 
-    async def generate(self, req: GenerateRequest) -> Generation:
+    # ---- the decode loop
+
+    async def _drive(self) -> None:
+        """Run decode steps back to back while any sequence is running or waiting, then stop."""
+        try:
+            while self.engine.decoder.busy():
+                for seq in await self.thread.run(self.engine.step):
+                    fut = self._waiters.pop(seq.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(seq)
+        except BaseException as exc:  # a failed step fails every request in it, never silently
+            for fut in self._waiters.values():
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError("decode loop stopped"))
+            self._waiters.clear()
+            raise
+        finally:
+            self._driver = None
+
+    async def _submit(self, req: GenRequest, on_text: Any = None) -> tuple[Sequence_, asyncio.Future]:
+        seq = await self.thread.run(self.engine.submit, req, on_text)  # on the compute thread: no race with a step
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[seq.id] = fut
+        if self._driver is None:
+            self._driver = asyncio.create_task(self._drive())
+        return seq, fut
+
+    async def _decode(self, reqs: list[GenRequest]) -> list[Sequence_]:
+        """Decode ``reqs`` in the shared batch; cancelling the caller cancels them."""
+        pending = [await self._submit(r) for r in reqs]
+        try:
+            return [await fut for _, fut in pending]
+        except asyncio.CancelledError:
+            for seq, _ in pending:
+                seq.cancel()
+            raise
+
+    async def generate_text(self, spec: GenSpec) -> Generation:
+        """One generation (prompt or chat), decoded in the shared batch."""
         if self.multimodal:
-            image = image_bytes(req.image) if req.image is not None else None
-            return await self.thread.run_cancellable(self.vlm.complete, req.prompt, image,
-                                                     max_new_tokens=req.max_new_tokens, temperature=req.temperature,
-                                                     seed=req.seed)
-        if req.image is not None:
-            self._needs_vlm()
+            return await self._vlm_generate(spec)
         adapter = await self._adapter()
-        return await self.thread.run_cancellable(self.engine.complete, req.prompt, max_new_tokens=req.max_new_tokens,
-                                                 temperature=req.temperature, seed=req.seed, adapter=adapter)
+        req = self.engine.gen_request(spec, adapter)
+        (seq,) = await self._decode([req])
+        return generation(seq)
+
+    async def generate_stream(self, spec: GenSpec) -> AsyncIterator[Delta | Done]:
+        """One generation as it is decoded: Delta events, then one Done. Closing the stream cancels it."""
+        if self.multimodal:
+            out = await self._vlm_generate(spec)
+            yield Delta(out.text)
+            yield Done(out.finish_reason, out.prompt_tokens, out.completion_tokens)
+            return
+        adapter = await self._adapter()
+        req = self.engine.gen_request(spec, adapter)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        seq, fut = await self._submit(req, lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait([getter, fut], return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield Delta(getter.result())
+                    continue
+                getter.cancel()
+                break
+            while not queue.empty():  # text emitted in the last step
+                yield Delta(queue.get_nowait())
+            done = fut.result()
+            yield Done(done.finish_reason or "stop", len(req.prompt), len(done.tokens))
+        finally:
+            if not seq.done:  # the client left (or the stream was closed): stop decoding it
+                seq.cancel()
+
+    async def decode_stats(self) -> dict[str, int]:
+        """The decode loop's counters: active, waiting, finished, cancelled, generated_tokens, steps, max_batch_seen."""
+        if self.multimodal or self.injected:
+            return {}
+        d = self.engine.decoder
+        return {"active": d.active, "waiting": len(d.waiting), **d.stats}
+
+    async def _vlm_generate(self, spec: GenSpec) -> Generation:
+        if spec.messages is not None:
+            prompt, image = self.vlm.chat_prompt(spec.messages)
+        else:
+            if spec.prompt is None:
+                raise HTTPError(422, "prompt is required")
+            prompt, image = spec.prompt, image_bytes(spec.image) if spec.image is not None else None
+        return await self.thread.run_cancellable(self.vlm.complete, prompt, image, max_new_tokens=spec.max_new_tokens,
+                                                 temperature=spec.temperature, seed=spec.seed)
+
+    # The gateway's former calls, kept while it moves to generate_text / generate_stream.
+    async def generate(self, req: GenerateRequest) -> Generation:
+        return await self.generate_text(GenSpec(prompt=req.prompt, max_new_tokens=req.max_new_tokens,
+                                                temperature=req.temperature, seed=req.seed, image=req.image))
 
     async def chat(self, req: ChatRequest, max_new_tokens: int) -> Generation:
-        if self.multimodal:
-            prompt, image = self.vlm.chat_prompt([m.model_dump() for m in req.messages])
-            return await self.thread.run_cancellable(self.vlm.complete, prompt, image, max_new_tokens=max_new_tokens,
-                                                     temperature=req.temperature, seed=req.seed)
-        if any(m.image_urls() for m in req.messages):
-            self._needs_vlm()
-        adapter = await self._adapter()
-        prompt = self.engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
-        return await self.thread.run_cancellable(self.engine.complete, prompt, max_new_tokens=max_new_tokens,
-                                                 temperature=req.temperature, seed=req.seed, adapter=adapter)
+        return await self.generate_text(GenSpec(messages=[m.model_dump() for m in req.messages],
+                                                max_new_tokens=max_new_tokens, temperature=req.temperature,
+                                                seed=req.seed))
 
     async def classify_injected(self, req: ClassifyRequest) -> dict[str, Any]:
         """An injected model's answer to ``req.task`` about the request's image, features or text."""

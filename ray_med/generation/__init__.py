@@ -1,0 +1,1 @@
+"""Text generation at load: many requests decoded together, one token per step (no Ray)."""
