@@ -4,8 +4,10 @@
 
 1. admits waiting sequences up to ``max_batch`` (a request that arrives while others
    decode joins at the next step, not after the whole batch);
-2. prefills each newcomer alone (its prompt in one forward pass, no padding) and
-   samples its first token, so the time to first token is one prefill;
+2. prefills each newcomer's prompt alone (one forward pass, no padding; the samples of
+   one prompt, e.g. sc_cot's ``n``, share that prefill) and samples its first token, so
+   the time to first token is one prefill; the newcomers join their adapter's batch in
+   one concatenation;
 3. decodes one token for every running sequence of an adapter in one forward pass
    over a left-padded KV cache (per-row ``position_ids``, pads masked), then samples
    each row with the request's own temperature, top-p and ``torch.Generator``;
@@ -188,8 +190,7 @@ class BatchDecoder:
             for group in list(self.groups.values()):
                 if group.seqs:
                     self._decode(group)
-            for seq in newcomers:
-                self._prefill(seq)
+            self._prefill(newcomers)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], self.active)
             for group in list(self.groups.values()):
                 ended += self._retire(group)
@@ -212,33 +213,41 @@ class BatchDecoder:
             # logits_to_keep=1: a prefill computes the logits of its last position only.
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    def _prefill(self, seq: Sequence_) -> None:
-        ids = torch.tensor([seq.req.prompt], device=self.device)
-        cache = DynamicCache()
-        # The cache is filled in place (transformers 5 calls it ``cache``).
-        out = self._forward(seq.req.adapter, input_ids=ids, attention_mask=torch.ones_like(ids),
-                            **{self._cache_kw: cache})
-        seq.generator = torch.Generator(device="cpu").manual_seed(seq.req.seed)
-        token = self._sample(out.logits[:, -1], [seq])[0]
-        group = self.groups.setdefault(seq.req.adapter, _Group(seq.req.adapter))
-        self._join(group, cache, len(seq.req.prompt))
-        group.seqs.append(seq)
-        self._append(seq, token)
+    def _prefill(self, newcomers: list[Sequence_]) -> None:
+        """Each distinct prompt (per adapter) in one forward alone; its samples share that prefill's cache."""
+        shared: dict[tuple, list[Sequence_]] = {}
+        for seq in newcomers:  # sc_cot's n samples of a prompt: one prefill, n rows
+            shared.setdefault((seq.req.adapter, tuple(seq.req.prompt)), []).append(seq)
+        joining: dict[str | None, list[tuple[Sequence_, DynamicCache]]] = {}
+        for (adapter, prompt), seqs in shared.items():
+            ids = torch.tensor([list(prompt)], device=self.device)
+            cache = DynamicCache()
+            # The cache is filled in place.
+            out = self._forward(adapter, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                **{self._cache_kw: cache})
+            for seq in seqs:
+                seq.generator = torch.Generator(device="cpu").manual_seed(seq.req.seed)
+            tokens = self._sample(out.logits[:, -1].expand(len(seqs), -1), seqs)
+            for seq, token in zip(seqs, tokens, strict=True):
+                joining.setdefault(adapter, []).append((seq, cache))
+                self._append(seq, token)
+        for adapter, rows in joining.items():
+            self._join(self.groups.setdefault(adapter, _Group(adapter)), rows)
 
-    def _join(self, group: _Group, cache: DynamicCache, length: int) -> None:
-        """Add a one-row cache to the group's, padding whichever is narrower on the left."""
-        if group.cache is None or not group.seqs:
-            group.cache, group.lengths = cache, [length]
-            return
-        width, new = group.width, int(cache.layers[0].keys.shape[2])
-        for mine, theirs in zip(group.cache.layers, cache.layers, strict=True):
-            k, v, k1, v1 = mine.keys, mine.values, theirs.keys, theirs.values
-            if new < width:
-                k1, v1 = _pad_left(k1, width - new), _pad_left(v1, width - new)
-            elif new > width:
-                k, v = _pad_left(k, new - width), _pad_left(v, new - width)
-            mine.keys, mine.values = torch.cat([k, k1]), torch.cat([v, v1])
-        group.lengths.append(length)
+    def _join(self, group: _Group, rows: list[tuple[Sequence_, DynamicCache]]) -> None:
+        """Add one-row caches to the group's in one concatenation, each padded on the left to the widest."""
+        parts = [(group.cache, group.lengths)] if group.seqs else []
+        parts += [(cache, [len(seq.req.prompt)]) for seq, cache in rows]
+        width = max(int(c.layers[0].keys.shape[2]) for c, _ in parts)
+        joined = rows[0][1] if len(parts) == 1 else DynamicCache()
+        if len(parts) > 1:
+            for i in range(len(parts[0][0].layers)):
+                keys = [_pad_left(c.layers[i].keys, width - c.layers[i].keys.shape[2]) for c, _ in parts]
+                values = [_pad_left(c.layers[i].values, width - c.layers[i].values.shape[2]) for c, _ in parts]
+                joined.update(torch.cat(keys), torch.cat(values), i)
+        group.cache = joined
+        group.lengths = [n for _, lengths in parts for n in lengths]
+        group.seqs = (group.seqs if group.seqs else []) + [seq for seq, _ in rows]
 
     def _decode(self, group: _Group) -> None:
         width, n = group.width, len(group.seqs)
@@ -329,6 +338,8 @@ class BatchDecoder:
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 0:
+        return x
     return torch.cat([x.new_zeros((*x.shape[:2], n, x.shape[3])), x], dim=2)
 
 
