@@ -115,7 +115,7 @@ JOBS: dict[str, JobSpec] = {
         JobSpec("evaluate.classify", ClassifyEvalConfig, "ray_med.evaluation.classify_eval:classify_task",
                 EvalOutputs, "Macro AUROC (with CI), AUPRC, F1 and accuracy of a saved classifier.",
                 run_folder=False, aliases=_CLASSIFY_FLAGS),
-        JobSpec("evaluate.qa", QAEvalConfig, "ray_med.evaluation.qa_eval:qa_task", EvalOutputs,
+        JobSpec("evaluate.qa", QAEvalConfig, "ray_med.serving.vllm:qa_task", EvalOutputs,
                 "QA accuracy of a causal LM (+ LoRA adapter) in top_token, cot or sc_cot mode.",
                 run_folder=False, aliases=_QA_FLAGS),
         JobSpec("multimodal", MultimodalConfig, "ray_med.training.multimodal:run_multimodal", MultimodalOutputs,

@@ -16,7 +16,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "ray_med"
 
-CORE = {"models", "data", "tasks", "adapters", "evaluation"}
+CORE = {"models", "data", "tasks", "adapters", "generation", "evaluation"}
 BASE = {"errors", "config"}
 # unit -> the units it may import. A unit is a top-level module or package of ray_med.
 ALLOWED: dict[str, set[str]] = {
@@ -24,12 +24,13 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "runtime": BASE,
     "runs": BASE | {"runtime"},
-    # The core: models, data, tasks, adapters, evaluation. No Ray, no DeepSpeed, no jobs.
+    # The core: models, data, tasks, adapters, generation, evaluation. No Ray, no DeepSpeed, no jobs.
     "models": BASE,
     "data": BASE,
     "tasks": BASE | {"data", "models"},  # models: the image placeholder of multimodal prompts (models.vlm)
     "adapters": BASE | {"models"},
-    "evaluation": BASE | {"models", "data", "tasks", "adapters"},
+    "generation": BASE | {"tasks"},  # tasks: PromptTooLong, the error of a prompt past the context
+    "evaluation": BASE | {"models", "data", "tasks", "adapters", "generation"},
     # Ray edges over the core.
     "corpus": BASE | {"runtime", "models", "data"},
     "training": BASE | {"runtime", "corpus"} | CORE,
@@ -54,7 +55,7 @@ ALLOWED: dict[str, set[str]] = {
 RAY_EDGES = {
     "corpus.build", "training.pretrain", "training.pretrain_worker", "training.downstream_worker",
     "training.worker", "training.trainer", "training.multimodal", "serving.app", "serving.deploy", "serving.deployments.replica",
-    "serving.deployments.lm", "serving.deployments.classifier", "serving.deployments.gateway",
+    "serving.deployments.lm", "serving.deployments.classifier", "serving.deployments.gateway", "serving.deployments.vllm",
     "federated.executor", "federated.server", "injection.job", "tuning.sweep",
 }
 DEEPSPEED = {"training.pretrain_worker"}

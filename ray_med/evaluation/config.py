@@ -103,6 +103,9 @@ class QAEvalConfig:
     """Only the first N questions."""
     batch_size: int = 8
     """Prompts per forward pass in top_token mode."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf: transformers in this process; vllm: cot / sc_cot on a ray.data.llm vLLM processor (GPU workers,
+    ``pip install .[vllm]``; the model and adapter readable on them)."""
     decode_batch: int = 64
     """cot / sc_cot: sequences decoded together (every sample of every item shares one decode
     loop; 1 decodes one sequence at a time, with the same answers)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from ray_med.adapters.host import load_lm
@@ -18,8 +19,9 @@ from ray_med.data import read_records
 from ray_med.data.config import resolve_path
 from ray_med.errors import ConfigError, DataError
 from ray_med.evaluation.config import EvalOutputs, QAEvalConfig
-from ray_med.evaluation.qa import answer_items, qa_metrics
+from ray_med.evaluation.qa import QAResult, answer_items, qa_metrics
 from ray_med.tasks import get_task, item_from_record, prompt_formats, task_for_format
+from ray_med.tasks.prompts import QAItem
 
 
 def predictions_path(cfg: QAEvalConfig) -> Path | None:
@@ -42,8 +44,14 @@ def predictions_path(cfg: QAEvalConfig) -> Path | None:
     return folder / f"{stem}-{cfg.qa.mode}-{cfg.qa.shots}shot-seed{cfg.qa.seed}.jsonl"
 
 
-def qa_task(cfg: QAEvalConfig) -> EvalOutputs:
-    """Accuracy (all items and answered ones), abstentions, and a per-item predictions JSONL."""
+def qa_task(cfg: QAEvalConfig, answer: Callable[[list[QAItem], list[QAItem]], list[QAResult]] | None = None,
+            ) -> EvalOutputs:
+    """Accuracy (all items and answered ones), abstentions, and a per-item predictions JSONL.
+
+    ``answer(items, pool)``: another engine's answers (``engine: vllm``, see
+    :mod:`ray_med.serving.deployments.vllm`); by default the model is loaded here and
+    answered with :func:`~ray_med.evaluation.qa.answer_items`.
+    """
     task = get_task(cfg.task) if cfg.task else task_for_format(cfg.format)
     if task is None or not task.prompt:
         raise DataError(f"--format must be one of {', '.join(prompt_formats())} for qa, got {cfg.format!r}")
@@ -56,12 +64,16 @@ def qa_task(cfg: QAEvalConfig) -> EvalOutputs:
         # Exemplars from the evaluated file would put its gold answers into the prompts.
         raise DataError("--shots needs --shots-file (exemplars from a training split, not the evaluated file)")
     pool = [item_from_record(r) for r in read_records(cfg.format, cfg.shots_file).records] if cfg.shots_file else []
-    lm = load_lm(cfg.model, {"adapter": cfg.adapter} if cfg.adapter else {})
-    with lm.use("adapter" if cfg.adapter else None) as model:
-        # Once the model and adapter loaded (a missing one is reported as such), before answering.
+    if answer is not None:
         path = predictions_path(cfg)
-        results = answer_items(model, lm.tokenizer, items, cfg.qa, pool=pool, batch_size=cfg.batch_size,
-                               decode_batch=cfg.decode_batch)
+        results = answer(items, pool)
+    else:
+        lm = load_lm(cfg.model, {"adapter": cfg.adapter} if cfg.adapter else {})
+        with lm.use("adapter" if cfg.adapter else None) as model:
+            # Once the model and adapter loaded (a missing one is reported as such), before answering.
+            path = predictions_path(cfg)
+            results = answer_items(model, lm.tokenizer, items, cfg.qa, pool=pool, batch_size=cfg.batch_size,
+                                   decode_batch=cfg.decode_batch)
     metrics = {"task": "qa", "model": cfg.model, "adapter": cfg.adapter, "data": cfg.data, "format": cfg.format,
                "mode": cfg.qa.mode, "shots": cfg.qa.shots, "seed": cfg.qa.seed, **qa_metrics(items, results)}
     if path is not None:

@@ -46,6 +46,7 @@ import torch
 from transformers import DynamicCache
 
 from ray_med.errors import DataError
+from ray_med.tasks.prompts import PromptTooLong
 
 MAX_TEMPERATURE = 2.0
 
@@ -85,8 +86,6 @@ class GenRequest:
         if not 0.0 < self.top_p <= 1.0:
             raise DataError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.prompt) + self.max_new_tokens > context:
-            from ray_med.tasks.prompts import PromptTooLong
-
             raise PromptTooLong(f"the prompt is {len(self.prompt)} tokens; with max_new_tokens={self.max_new_tokens} "
                                 f"it exceeds the model's {context}-token context")
 

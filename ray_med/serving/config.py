@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ray_med.adapters.registry import check_adapter_dir
 from ray_med.errors import ConfigError, ModelError
@@ -83,13 +83,51 @@ class AuthConfig:
         return bool(self.api_key_env or self.api_key_file)
 
 
+ENGINES = ("hf", "vllm")
+"""The generation engines of ``engine``."""
+VLLM_LORA_SCHEMES = ("s3", "gs", "abfss")
+"""Where ``vllm.lora_dir`` may live: the schemes both Ray Serve LLM's LoRA loader and ray_med's storage read."""
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM of ``engine: vllm``: Ray Serve LLM's LLMServer on GPUs (``pip install .[vllm]``); unused with ``hf``.
+
+    The LLMServer replicas take their replica counts, capacity, CPUs, custom resources and env
+    from the ``lm`` section. Their GPUs are ``tensor_parallel_size`` each (``lm.num_gpus`` is
+    unused), and vLLM batches continuously (the batch and thread settings are unused).
+    """
+
+    lora_dir: str = ""
+    """Remote folder (s3://, gs:// or abfss://) holding one PEFT LoRA folder per adapter, named by its served name:
+    each adapters entry must be <lora_dir>/<name>. Required with adapters: Ray Serve LLM loads LoRA adapters only
+    from remote storage, as <lora_dir>/<name> for the model id <base>:<name>."""
+    max_model_len: int = 0
+    """Context length (prompt + generated tokens) vLLM allocates for; 0: the model's."""
+    dtype: str = "auto"
+    """Weights and activations dtype: auto (the model's), bfloat16 or float16."""
+    tensor_parallel_size: int = 1
+    """GPUs per replica, each holding a shard of every layer."""
+    gpu_memory_utilization: float = 0.9
+    """Share of each GPU's memory vLLM takes (weights, then KV cache)."""
+    max_lora_rank: int = 16
+    """Largest LoRA rank (r) among the adapters: vLLM sizes its LoRA buffers for it."""
+    max_loras: int = 0
+    """Adapters in one GPU batch; 0: all of them, at most lm.max_adapters."""
+    accelerator_type: str = ""
+    """The GPU type the replicas need, in Ray's names (e.g. L4, A10G, A100, H100); empty: any GPU."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further vLLM engine arguments, passed as they are (e.g. enable_prefix_caching: true, max_num_seqs: 64)."""
+
+
 def _gateway() -> DeploymentConfig:
     return DeploymentConfig(max_ongoing_requests=512, max_queued_requests=1024, num_cpus=0.5,
                             target_ongoing_requests=128.0)
 
 
 def _lm() -> DeploymentConfig:
-    return DeploymentConfig(max_batch_size=8, max_ongoing_requests=16, max_queued_requests=64)
+    # 32 sequences decode together; top-token QA batches are as large, two in flight.
+    return DeploymentConfig(max_batch_size=32, max_ongoing_requests=64, max_queued_requests=128)
 
 
 @dataclass
@@ -153,6 +191,12 @@ class ServeAppConfig:
     classifier: DeploymentConfig = field(default_factory=DeploymentConfig)
     """The classifiers: their batching, threads and adapter LRU (wherever they run); their
     replicas and capacity when classify_in_gateway is false."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What generates text: hf (transformers in the LMServer replicas, CPU or GPU) or vllm (Ray Serve LLM's
+    vLLM LLMServer on GPUs, behind the same gateway and schemas: a text causal LM and its LoRA adapters only;
+    /v1/qa stays on hf)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """vLLM's settings, with engine vllm."""
 
     def check(self) -> None:
         """Every path exists and is the kind of folder its key says; names are unique."""
@@ -211,6 +255,7 @@ class ServeAppConfig:
             if capacity.max_ongoing_requests < need:
                 raise ConfigError(f"{name}.max_ongoing_requests ({capacity.max_ongoing_requests}) < max_batch_size "
                                   f"x max_concurrent_batches ({need}): batches could never fill")
+        self._check_engine()
 
     def localized(self, *, lm: bool = True, classifiers: bool = True) -> ServeAppConfig:
         """This config with the folders in remote storage (``s3://...``) replaced by local copies.
@@ -258,6 +303,52 @@ class ServeAppConfig:
             raise ConfigError(f"gate folded needs folded_dir, jobs/inject.py's <output_dir>/folded (got "
                               f"{self.folded_dir!r})")
 
+    def _check_engine(self) -> None:
+        if self.engine not in ENGINES:  # the loader refuses it first; this guards a config built in code
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine != "vllm":
+            return
+        what = "engine vllm serves a text causal LM"
+        if not self.model:
+            raise ConfigError(f"{what}: set model (classifiers alone need no engine; leave engine hf)")
+        if self.model_injected():
+            raise ConfigError(f"{what}; model is an injected model (jobs/inject.py): use engine hf")
+        if self.model_multimodal():
+            raise ConfigError(f"{what}; model is a multimodal (LLaVA) folder: use engine hf")
+        if ":" in self.base_name:  # Ray Serve LLM's model ids are <base>:<adapter>
+            raise ConfigError(f"model_name {self.base_name!r}: engine vllm needs a name without ':'")
+        v = self.vllm
+        for key, ok in (("tensor_parallel_size", v.tensor_parallel_size >= 1), ("max_model_len", v.max_model_len >= 0),
+                        ("gpu_memory_utilization", 0 < v.gpu_memory_utilization <= 1),
+                        ("max_lora_rank", v.max_lora_rank >= 1), ("max_loras", v.max_loras >= 0)):
+            if not ok:
+                raise ConfigError(f"vllm.{key} is out of range: {getattr(v, key)!r}")
+        # Keys this config sets itself: one place each. model and served_model_name are Ray's (it refuses them).
+        owned = {f for f in VLLMConfig.__dataclass_fields__ if f not in ("lora_dir", "accelerator_type",
+                                                                           "engine_kwargs")}
+        owned |= {"enable_lora", "model", "served_model_name"}
+        clash = sorted(owned & set(v.engine_kwargs))
+        if clash:
+            raise ConfigError(f"vllm.engine_kwargs: {clash} are set by vllm.<key> (or model/model_name), not here")
+        if not self.adapters:
+            return
+        scheme = v.lora_dir.split("://", 1)[0] if "://" in v.lora_dir else ""
+        if scheme not in VLLM_LORA_SCHEMES:
+            raise ConfigError(f"adapters with engine vllm need vllm.lora_dir, a remote folder ("
+                              f"{', '.join(s + '://' for s in VLLM_LORA_SCHEMES)}) with one adapter folder per "
+                              f"name: Ray Serve LLM loads LoRA adapters only from remote storage (got {v.lora_dir!r})")
+        for name, path in self.adapters.items():
+            # A localized config (check() on the driver's copy) has local paths; their last part is still the name.
+            wrong_uri = is_uri(path) and path.rstrip("/") != lora_path(self, name)
+            if path.rstrip("/").rsplit("/", 1)[-1] != name or wrong_uri:
+                raise ConfigError(f"adapters.{name}: with engine vllm it must be {lora_path(self, name)} "
+                                  f"(vllm.lora_dir/<name>), got {path}")
+            if is_uri(path):
+                continue
+            rank = _lora_rank(path)
+            if rank > v.max_lora_rank:
+                raise ConfigError(f"adapters.{name}: LoRA rank {rank} exceeds vllm.max_lora_rank ({v.max_lora_rank})")
+
     def model_injected(self) -> bool:
         """Whether ``model`` is an injected model folder (jobs/inject.py), from its injected_config.json alone."""
         if not self.model:
@@ -293,6 +384,22 @@ class ServeAppConfig:
     @property
     def base_name(self) -> str:
         return self.model_name or (Path(self.model).name if self.model else "")
+
+
+def lora_path(cfg: ServeAppConfig, name: str) -> str:
+    """Where engine vllm loads adapter ``name`` from: ``<vllm.lora_dir>/<name>``."""
+    return f"{cfg.vllm.lora_dir.rstrip('/')}/{name}"
+
+
+def _lora_rank(folder: str) -> int:
+    """The largest LoRA rank of an adapter folder (``r``, or a larger one in ``rank_pattern``)."""
+    try:
+        peft = json.loads((Path(folder) / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder}: cannot read adapter_config.json ({exc})") from None
+    if str(peft.get("peft_type", "")).upper() != "LORA":
+        raise ConfigError(f"{folder}: engine vllm serves LoRA adapters; this one is {peft.get('peft_type')!r}")
+    return max([int(peft.get("r") or 0), *(int(r) for r in (peft.get("rank_pattern") or {}).values())])
 
 
 def _check_name(name: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -79,6 +80,10 @@ def test_predictions_path(tmp_path) -> None:
     (["--format", "medmcqa"], "line 1"),  # MedQA lines are not MedMCQA records
     (["--format", "medqa", "--shots", "2"], "--shots needs --shots-file"),
     (["--format", "medqa", "--mode", "sc_cot", "--temperature", "0"], "temperature must be > 0"),
+    (["--format", "medqa", "--mode", "top_token", "engine=vllm"], "engine=vllm generates: use qa.mode=cot"),
+    pytest.param(["--format", "medqa", "--mode", "cot", "engine=vllm"], "pip install .[vllm]",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")),
+    (["--format", "medqa", "engine=tgi"], "engine"),
 ])
 def test_qa_errors_are_clear(job_main, serve_models, args, message, capsys):
     base = ["qa", "--model", str(serve_models["lm"]), "--data", str(REPO / "tests/fixtures/medqa.jsonl")]
