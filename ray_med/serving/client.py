@@ -1,4 +1,8 @@
-"""A small HTTP client for the ray_med API (standard library only): what the demo sends, and how it prints the answers."""
+"""A small HTTP client for the ray_med API (standard library only): what the demo sends, and how it prints the answers.
+
+Error bodies are the API's one shape, OpenAI's ``{"error": {"message", "type", "code", "param"}}``;
+:func:`call` gives a plain-text answer (Serve's proxy answers 503/408 so) the same shape.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,16 @@ def call(url: str, path: str, body: dict[str, Any] | None = None, *, timeout: fl
         try:
             return exc.code, json.loads(raw or b"{}")
         except json.JSONDecodeError:  # Serve's proxy answers 503/408 in plain text
-            return exc.code, {"error": raw.decode(errors="replace").strip()}
+            return exc.code, {"error": {"message": raw.decode(errors="replace").strip(), "type": "http_error",
+                                        "code": exc.code, "param": None}}
+
+
+def error_message(body: dict[str, Any]) -> str:
+    """The message of an error body (``type: message``)."""
+    error = body.get("error")
+    if isinstance(error, dict):
+        return f"{error.get('type')}: {error.get('message')}"
+    return str(error)
 
 
 def demo_requests(url: str, *, question: str, context: str | None, classify_text: str,
@@ -57,9 +70,9 @@ def summarize(row: dict[str, Any]) -> str:
     """One line for a demo response."""
     r, path = row["response"], row["endpoint"]
     if row["status"] != 200:
-        return f"HTTP {row['status']}: {r.get('error')}"
+        return f"HTTP {row['status']}: {error_message(r)}"
     if path == "/v1/models":
-        return ", ".join(f"{m['id']} ({m['kind']})" for m in r["data"])
+        return ", ".join(f"{m['id']} ({m['kind']})" for m in r["data"] + r.get("classifiers", []))
     if path == "/v1/qa":
         detail = r.get("scores") or r.get("votes")
         return f"{row['request']['mode']}: answer={r['answer']} abstained={r['abstained']} {detail}"

@@ -1,9 +1,18 @@
-"""Errors of the HTTP API, and the one place that maps every exception to an HTTP status.
+"""Errors of the HTTP API: the one place that maps every exception to an HTTP status, and the one error body.
 
 Replicas raise library errors (:class:`~ray_med.errors.RayMedError`) as exceptions; they
 cross the Ray hop as themselves (Ray's ``RayTaskError`` is an instance of the original
-class), and the gateway's exception handlers call :func:`http_status` to answer with
-JSON ``{"error": ..., "type": ...}`` and the right 4xx/5xx. No Ray import here.
+class), and the gateway's exception handlers call :func:`http_status` to answer with the
+right 4xx/5xx and :func:`error_body`, OpenAI's shape, on every endpoint::
+
+    {"error": {"message": "...", "type": "unknown_adapter", "code": 404, "param": "adapter"}}
+
+``type`` is ours (``invalid_request``, ``unknown_adapter``, ``model_not_found``,
+``input_too_long``, ``overloaded``, ...), the machine-readable kind. ``code`` is the HTTP
+status: the ``type`` already names the kind, and the status is what a body loses when it
+travels without its response line, above all as the error event of a stream that
+had already answered 200. ``param`` names the request field at fault, when one is.
+OpenAI's SDKs read ``message`` into their exceptions. No Ray import here.
 
 What a client reads names adapters, fields and limits, never the server's folders or
 Python objects: a model that fails to load (its message names a folder) is a generic
@@ -14,6 +23,7 @@ are cut from every message.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from ray_med.errors import ConfigError, DataError, ModelError, RayMedError
 from ray_med.tasks.prompts import PromptTooLong
@@ -22,12 +32,25 @@ from ray_med.tasks.prompts import PromptTooLong
 class HTTPError(RayMedError):
     """An error with the HTTP status the client should see."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request") -> None:
+    def __init__(self, status: int, message: str, kind: str = "invalid_request", param: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
+        self.status, self.message, self.kind, self.param = status, message, kind, param
 
     def __reduce__(self) -> tuple:  # raised in replicas too: it must survive pickling
-        return (HTTPError, (self.status, self.message, self.kind))
+        return (HTTPError, (self.status, self.message, self.kind, self.param))
+
+
+def error_body(status: int, kind: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """The API's one error body (OpenAI's shape); ``code`` is the HTTP status."""
+    return {"error": {"message": message, "type": kind, "code": status, "param": param}}
+
+
+def exception_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, error body) for an exception raised while serving a request."""
+    status, kind, message = http_status(exc)
+    cause = getattr(exc, "cause", None)  # a RayTaskError: the replica's HTTPError carries the param
+    param = getattr(exc, "param", None) or getattr(cause, "param", None)
+    return status, error_body(status, kind, message, param if isinstance(param, str) else None)
 
 
 def http_status(exc: BaseException) -> tuple[int, str, str]:

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse
 
 from ray_med.errors import ConfigError
 from ray_med.serving.config import AuthConfig
-from ray_med.serving.errors import HTTPError
+from ray_med.serving.errors import HTTPError, error_body
 
 OPEN_PATHS = frozenset({"/healthz"})
 
@@ -54,7 +54,7 @@ def read_api_key(auth: AuthConfig, env: Mapping[str, str] | None = None) -> str 
 
 
 class BearerAuth:
-    """ASGI middleware: a 401 JSON error unless the request carries ``Authorization: Bearer <key>``.
+    """ASGI middleware: a 401 JSON error (the API's one error shape) unless the request carries ``Authorization: Bearer <key>``.
 
     A plain ASGI class (not Starlette's ``BaseHTTPMiddleware``): it adds one header
     comparison per request and nothing else. It guards every path, unknown ones and
@@ -74,8 +74,9 @@ class BearerAuth:
         if scope["type"] != "http" or _route(scope) in OPEN_PATHS or self.allowed(dict(scope["headers"])):
             await self.app(scope, receive, send)
             return
-        response = JSONResponse({"error": "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                 "type": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        response = JSONResponse(error_body(401, "unauthorized", "missing or wrong API key: send the header "
+                                                                "'Authorization: Bearer <key>'"),
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
         await response(scope, receive, send)
 
 

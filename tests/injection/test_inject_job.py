@@ -128,7 +128,7 @@ def test_serving_an_injected_task_folded_answers_as_the_live_gate(m3oe_run, shar
                ({"image": pngs[0]}, 422, "send task")]
         for body, status, needle in bad:
             r = requests.post(f"{url}/live/v1/classify", json=body, timeout=60)
-            assert r.status_code == status and needle in r.json()["error"], (body, r.text)
+            assert r.status_code == status and needle in r.json()["error"]["message"], (body, r.text)
     finally:
         serve.shutdown()
 

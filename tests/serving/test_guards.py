@@ -84,7 +84,7 @@ def test_models_and_errors_name_adapters_not_folders():
     assert status == 200 and SECRET_DIR.encode() not in raw
     assert {m["id"] for m in json.loads(raw)["data"]} == {"tiny-med", "hospital_a"}
     status, body = error(call(app(), "POST", "/v1/qa", {"question": "x", "adapter": "hospital_z"}))
-    assert status == 404 and "hospital_z" in body["error"] and SECRET_DIR not in body["error"]
+    assert status == 404 and "hospital_z" in body["error"]["message"] and SECRET_DIR not in json.dumps(body)
     # A model that fails to load in a replica: its message names the folder; the client's does not.
     status, kind, message = http_status(ModelError(f"{SECRET_DIR}/lora_a is not a PEFT adapter folder"))
     assert (status, kind) == (500, "model_error") and SECRET_DIR not in message
@@ -92,8 +92,8 @@ def test_models_and_errors_name_adapters_not_folders():
 
 def test_error_texts_carry_no_object_reprs():
     status, body = error(call(app(), "POST", "/v1/generate", {"prompt": "x", "image": b64(b"plain text")}))
-    assert status == 415 and body["type"] == "not_an_image"
-    assert "object at 0x" not in body["error"]
+    assert status == 415 and body["error"]["type"] == "not_an_image"
+    assert "object at 0x" not in body["error"]["message"]
     _, _, message = http_status(ValueError("bad <_io.BytesIO object at 0x7f00deadbeef>"))
     assert "0x" not in message
     _, _, message = http_status(HTTPError(415, "cannot identify image file <_io.BytesIO object at 0x7f00deadbeef>"))
@@ -105,8 +105,8 @@ def test_error_texts_carry_no_object_reprs():
 def test_over_long_input_is_413_at_every_size(path, field, size):
     """Past the configured limit (2000 here) and past the schema's hard ceiling (100k): both 413."""
     status, body = error(call(app(), "POST", path, {field: "x" * size}))
-    assert status == 413 and body["type"] == "input_too_long"
-    assert f"{field} is {size} characters; the limit is 2000" in body["error"]
+    assert status == 413 and body["error"]["type"] == "input_too_long" and body["error"]["param"] == field
+    assert f"{field} is {size} characters; the limit is 2000" in body["error"]["message"]
 
 
 def test_over_long_option_and_message_are_413():
@@ -127,7 +127,7 @@ def test_a_decompression_bomb_is_413_from_its_header(png):
         check_image(bomb, max_chars=20_000, max_pixels=25_000_000)
     assert err.value.status == 413 and "7000x7000" in err.value.message
     status, body = error(call(app(), "POST", "/v1/generate", {"prompt": "x", "image": bomb}))
-    assert status == 413 and body["type"] == "input_too_long"
+    assert status == 413 and body["error"]["type"] == "input_too_long"
 
 
 def test_check_image_accepts_a_real_image_and_refuses_bad_ones(png):
@@ -139,7 +139,7 @@ def test_check_image_accepts_a_real_image_and_refuses_bad_ones(png):
         assert err.value.status == status, data[:20]
     # A valid image under the limit reaches the model, which is text-only.
     status, body = error(call(app(), "POST", "/v1/generate", {"prompt": "x", "image": b64(png(8, 8))}))
-    assert status == 422 and "text-only" in body["error"]
+    assert status == 422 and "text-only" in body["error"]["message"]
 
 
 # ---------------------------------------------------------------- API key
@@ -152,7 +152,8 @@ def test_api_key_is_required_everywhere_but_healthz(tmp_path):
                     {"Authorization": f"Basic {KEY}"}):
         for method, path in (("GET", "/v1/models"), ("GET", "/openapi.json"), ("GET", "/nowhere")):
             status, body = error(call(api, method, path, headers=headers))
-            assert status == 401 and body["type"] == "unauthorized" and KEY not in body["error"], (headers, path)
+            assert status == 401 and body["error"]["type"] == "unauthorized", (headers, path)
+            assert KEY not in json.dumps(body) and body["error"]["code"] == 401
     assert call(api, "GET", "/healthz")[0] == 200
     ok = {"Authorization": f"Bearer {KEY}"}
     assert call(api, "GET", "/v1/models", headers=ok)[0] == 200

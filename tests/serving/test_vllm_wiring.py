@@ -24,9 +24,9 @@ from ray_med.errors import ConfigError, DataError
 from ray_med.evaluation.config import QAConfig
 from ray_med.generation.spec import Delta, Done, GenSpec
 from ray_med.serving import vllm as V
-from ray_med.serving.deployments import vllm as D
 from ray_med.serving.config import ServeAppConfig, VLLMConfig
 from ray_med.serving.deploy import read_serve_config
+from ray_med.serving.deployments import vllm as D
 from ray_med.serving.errors import HTTPError
 
 REPO = Path(__file__).resolve().parents[2]

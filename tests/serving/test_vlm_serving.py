@@ -320,5 +320,7 @@ NOT_AN_IMAGE = b64(b"plain text, not a PNG")
 def test_bad_image_requests_are_a_json_4xx(url, path, body, status, needle):
     r = post(url, path, body)
     assert r.status_code == status, r.text
-    assert set(r.json()) == {"error", "type"} and needle in r.json()["error"]
+    error = r.json()["error"]
+    assert set(r.json()) == {"error"} and set(error) == {"message", "type", "code", "param"}
+    assert needle in error["message"] and error["code"] == status
     assert "Traceback" not in r.text and "object at 0x" not in r.text

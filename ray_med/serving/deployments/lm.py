@@ -38,7 +38,7 @@ from ray_med.serving.config import ServeAppConfig
 from ray_med.serving.deployments.replica import ComputeThread, adapter_cache, batched, raise_if_error
 from ray_med.serving.engines import Generation, LMEngine, VLMEngine, generation
 from ray_med.serving.errors import HTTPError
-from ray_med.serving.schemas import ChatRequest, ClassifyRequest, GenerateRequest, QARequest, image_bytes
+from ray_med.serving.schemas import ClassifyRequest, GenerateRequest, QARequest, image_bytes
 from ray_med.tasks.prompts import QAItem, item_from_record
 
 
@@ -194,16 +194,6 @@ class LMServer:
             prompt, image = spec.prompt, image_bytes(spec.image) if spec.image is not None else None
         return await self.thread.run_cancellable(self.vlm.complete, prompt, image, max_new_tokens=spec.max_new_tokens,
                                                  temperature=spec.temperature, seed=spec.seed)
-
-    # The gateway's former calls, kept while it moves to generate_text / generate_stream.
-    async def generate(self, req: GenerateRequest) -> Generation:
-        return await self.generate_text(GenSpec(prompt=req.prompt, max_new_tokens=req.max_new_tokens,
-                                                temperature=req.temperature, seed=req.seed, image=req.image))
-
-    async def chat(self, req: ChatRequest, max_new_tokens: int) -> Generation:
-        return await self.generate_text(GenSpec(messages=[m.model_dump() for m in req.messages],
-                                                max_new_tokens=max_new_tokens, temperature=req.temperature,
-                                                seed=req.seed))
 
     async def classify_injected(self, req: ClassifyRequest) -> dict[str, Any]:
         """An injected model's answer to ``req.task`` about the request's image, features or text."""
