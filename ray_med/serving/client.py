@@ -58,6 +58,7 @@ def demo_requests(url: str, *, question: str, context: str | None, classify_text
         ("/v1/generate", {"prompt": "Chest X-ray shows", "max_new_tokens": 24, "adapter": adapter}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "First-line treatment for "
                                                 "community-acquired pneumonia?"}], "max_tokens": 24}),
+        ("/v1/completions", {"prompt": "Assessment and plan:", "max_tokens": 16, "stop": ["\n\n"]}),
     ]
     rows = []
     for path, body in calls:
@@ -82,6 +83,8 @@ def summarize(row: dict[str, Any]) -> str:
         return repr(r["choices"][0]["message"]["content"][:80])
     if path == "/v1/generate":
         return repr(r["text"][:80])
+    if path == "/v1/completions":
+        return repr(r["choices"][0]["text"][:80])
     return json.dumps(r)
 
 

@@ -89,7 +89,8 @@ def test_pipeline_runs_every_stage_then_reuses_them(job_main, ray_session, share
     # answer from every endpoint; it wrote the filled-in Serve config for `serve run`.
     assert "== stage: serve ==" in out
     served = out.split("== stage: serve ==")[1]
-    for endpoint in ("/healthz", "/v1/models", "/v1/qa", "/v1/classify", "/v1/generate", "/v1/chat/completions"):
+    for endpoint in ("/healthz", "/v1/models", "/v1/qa", "/v1/classify", "/v1/generate", "/v1/chat/completions",
+                     "/v1/completions"):
         assert endpoint in served
     assert "HTTP " not in served  # every request got a 200
     for mode in ("top_token:", "cot:", "sc_cot:"):
