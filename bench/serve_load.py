@@ -27,10 +27,20 @@ of the machine does not land on one variant. Writes ``bench/results/serve_load.j
 The model gets the whole machine in both cases: the in-process baseline uses every core,
 and the app is given ``classifier.num_cpus=<cores>`` (hence as many torch threads).
 
+``--ingress`` picks how requests reach the gateway. ``proxy``: Serve's HTTP proxy, which
+forwards each request to the gateway replica, and the replica fetches the body back
+from the proxy with a second call. ``direct`` (Serve's ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``,
+set before Ray starts, as a cluster would set it): the gateway replica runs its own HTTP
+server (uvicorn, on a port Serve allocates from 30000 up) and the client talks to it, no
+proxy hop and no body fetch. ``--serve-env KEY=VALUE`` sets other Serve-wide variables
+the same way (e.g. ``RAY_SERVE_PROXY_USE_GRPC=1``); both are recorded in the JSON.
+
     python bench/serve_load.py [--repeats 3] [key=value ...]     # overrides of the Serve app config
     python bench/serve_load.py classifier.batch_wait_timeout_s=0.01   # e.g. Serve's default wait
     python bench/serve_load.py --ablation          # each tuning undone in turn -> serve_load_ablation.json
     python bench/serve_load.py --repeats 1 --requests 64 --sequential 10 --out /tmp/s.json   # a quick check
+    python bench/serve_load.py --ingress proxy     # through Serve's HTTP proxy (Serve's default)
+    python bench/serve_load.py --serve-env RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0   # a Serve-wide env var
 """
 
 import argparse
@@ -217,7 +227,7 @@ def run_once(overrides: list[str], args: argparse.Namespace) -> dict:
     # A single run must not write a results file: the caller writes the summary.
     env = {**os.environ, "SERVE_LOAD_OUT": os.devnull}
     cmd = [sys.executable, __file__, "--once", f"--requests={args.requests}", f"--sequential={args.sequential}",
-           "--", *overrides]
+           f"--ingress={args.ingress}", *(f"--serve-env={kv}" for kv in args.serve_env), "--", *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -233,8 +243,10 @@ def repeated(args: argparse.Namespace) -> int:
         print(json.dumps({"repeat": i + 1, **{k: runs[-1][k] for k in METRICS[:5]}}), file=sys.stderr, flush=True)
     first = runs[0]
     result = {
-        **{k: first[k] for k in ("benchmark", "model", "inputs", "machine", "overrides", "requests")},
+        **{k: first[k] for k in ("benchmark", "model", "inputs", "machine", "ingress", "serve_env", "overrides",
+                                 "requests")},
         "repeats": args.repeats, "summary": "median, min, max over repeats, each a fresh process",
+        **({"note": args.note} if args.note else {}),
         **aggregate(runs), "run_results": runs,
     }
     out = Path(args.out or REPO / "bench" / "results" / "serve_load.json")
@@ -262,6 +274,7 @@ def ablation(args: argparse.Namespace) -> int:
                      "errors": agg["errors"]})
     machine = runs[variants[0][0]][0]["machine"]
     result = {"benchmark": "serve_load_ablation", "machine": machine, "repeats": args.repeats,
+              "ingress": args.ingress, "serve_env": serve_env(args.ingress, args.serve_env),
               "order": "interleaved: each repeat runs every variant once, in order", "runs": rows}
     out = Path(args.out or REPO / "bench" / "results" / "serve_load_ablation.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,10 +283,48 @@ def ablation(args: argparse.Namespace) -> int:
     return 0
 
 
-def once(overrides: list[str], n_requests: int, n_sequential: int) -> int:
+def serve_env(ingress: str, pairs: list[str]) -> dict[str, str]:
+    """The Serve-wide environment variables of a run: ``--ingress`` direct's flag, then ``--serve-env``."""
+    env: dict[str, str] = {}
+    if ingress == "direct":
+        # The replica binds its own port; 0 s drain: no external load balancer must first
+        # deregister it here (Serve waits 30 s by default when an ingress replica stops).
+        env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
+    for kv in pairs:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"serve_load: --serve-env wants KEY=VALUE, got {kv!r}")
+        env[key] = value
+    return env
+
+
+def ingress_url(base: str, app: str) -> str:
+    """The gateway replica's own HTTP address (direct ingress), from Serve's controller."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the port is known once the replica's server started
+        for group in ray.get(controller.get_target_groups.remote(app)):
+            if group.protocol == RequestProtocol.HTTP and group.app_name == app and group.targets:
+                target = group.targets[0]
+                return f"http://127.0.0.1:{target.port}"
+        time.sleep(0.2)
+    raise SystemExit(f"serve_load: no direct-ingress port for app {app!r}; is RAY_SERVE_ENABLE_DIRECT_INGRESS on? "
+                     f"(the proxy is at {base})")
+
+
+def once(overrides: list[str], n_requests: int, n_sequential: int, ingress: str = "direct",
+         env_pairs: list[str] | None = None) -> int:
     """One measurement: deploy, load, sequential requests; writes $SERVE_LOAD_OUT and prints the JSON."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Serve reads these when each of its processes (controller, proxy, replicas) imports it:
+    # they are set before Ray starts, so every process of this local Ray inherits them.
+    env = serve_env(ingress, env_pairs or [])
+    os.environ.update(env)
     import ray
 
     from ray_med.serving.deploy import running
@@ -285,7 +336,7 @@ def once(overrides: list[str], n_requests: int, n_sequential: int) -> int:
         args = {"classifiers": {NAME: str(path)}, "overrides": [f"classifier.num_cpus={cores}", *overrides]}
         config = {"applications": [{"name": "bench", "route_prefix": "/", "args": args}]}
         with running(config) as base:
-            url = base + "/v1/classify"
+            url = (ingress_url(base, "bench") if ingress == "direct" else base) + "/v1/classify"
             asyncio.run(_load(url, inputs, 64, CLIENTS))  # warm up: adapter load, first batches
             # Baselines run while the app is up and idle, right before and after the load, so
             # both sides see the same machine (its speed drifts ~10% between minutes here).
@@ -309,6 +360,8 @@ def once(overrides: list[str], n_requests: int, n_sequential: int) -> int:
         "model": "all-MiniLM-L6-v2 + LoRA r=16 + head (pubmedqa_rf, 3 labels)",
         "inputs": "PubMedQA PQA-L question + long answer (../shared/data), max_length 256",
         "machine": f"{platform.machine()} {cores} cores, {platform.system()}, no GPU",
+        "ingress": ingress,
+        "serve_env": env,
         "overrides": list(overrides),
         "throughput_ratio": round(rps / base_rps, 3),
         "served_rps": round(rps, 1),
@@ -340,13 +393,19 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sequential", type=int, default=N_SEQUENTIAL, help="one-at-a-time requests")
     parser.add_argument("--variants", type=int, default=None, help="--ablation: only the first N variants")
     parser.add_argument("--out", default=None, help="results file (default: bench/results/serve_load*.json)")
+    parser.add_argument("--ingress", choices=("proxy", "direct"), default="direct",
+                        help="direct: requests go to the gateway replica's own HTTP server "
+                             "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1); proxy: through Serve's HTTP proxy")
+    parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Serve-wide environment variable, set before Ray starts (repeatable)")
+    parser.add_argument("--note", default="", help="a line recorded in the results file (what this run measures)")
     parser.add_argument("--once", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the Serve app config")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if args.once:
-        return once(args.overrides, args.requests, args.sequential)
+        return once(args.overrides, args.requests, args.sequential, args.ingress, args.serve_env)
     if args.ablation:
         return ablation(args)
     return repeated(args)
