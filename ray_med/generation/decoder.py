@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -97,6 +98,8 @@ class Sequence_:
     req: GenRequest
     on_text: Callable[[str], None] | None = None
     """Called (on the decoding thread) with each new piece of text, for streaming."""
+    on_done: Callable[[Sequence_], None] | None = None
+    """Called (on the decoding thread) once the sequence has ended."""
     id: int = 0
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -147,17 +150,27 @@ class BatchDecoder:
         # transformers renamed ``past_key_values`` to ``cache`` during 5.x; the project allows >=5.0.
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.waiting: deque[Sequence_] = deque()
+        # Submissions land here under a lock, so a server's event loop can submit while the
+        # compute thread steps; step() moves them to ``waiting``.
+        self._inbox: list[Sequence_] = []
+        self._lock = threading.Lock()
         self.groups: dict[str | None, _Group] = {}
         self._ids = itertools.count()
         self.stats = {"finished": 0, "cancelled": 0, "generated_tokens": 0, "steps": 0, "max_batch_seen": 0}
 
     # ---- the queue
 
-    def submit(self, req: GenRequest, on_text: Callable[[str], None] | None = None) -> Sequence_:
-        """Queue ``req`` (checked now: a bad request fails alone, never the batch it would join)."""
+    def submit(self, req: GenRequest, on_text: Callable[[str], None] | None = None,
+               on_done: Callable[[Sequence_], None] | None = None) -> Sequence_:
+        """Queue ``req`` (checked now: a bad request fails alone, never the batch it would join).
+
+        Thread-safe. ``on_text`` gets each new piece of text and ``on_done`` the ended
+        sequence, both on the thread that steps.
+        """
         req.check(self.context)
-        seq = Sequence_(req, on_text, id=next(self._ids))
-        self.waiting.append(seq)
+        with self._lock:
+            seq = Sequence_(req, on_text, on_done, id=next(self._ids))
+            self._inbox.append(seq)
         return seq
 
     @property
@@ -165,16 +178,21 @@ class BatchDecoder:
         return sum(len(g.seqs) for g in self.groups.values())
 
     def busy(self) -> bool:
-        return bool(self.waiting) or self.active > 0
+        """Sequences waiting or running (call it from the stepping thread, or while no step runs)."""
+        return bool(self._inbox) or bool(self.waiting) or self.active > 0
 
     def adapters_in_use(self) -> set[str | None]:
-        return {g.adapter for g in self.groups.values() if g.seqs} | {s.req.adapter for s in self.waiting}
+        queued = [*self.waiting, *self._inbox]
+        return {g.adapter for g in self.groups.values() if g.seqs} | {s.req.adapter for s in queued}
 
     # ---- one step
 
     def step(self) -> list[Sequence_]:
         """Admit, prefill newcomers, decode one token for every running sequence; the sequences that ended."""
         ended: list[Sequence_] = []
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
         # Cancelled while waiting: never started.
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
@@ -333,6 +351,8 @@ class BatchDecoder:
         seq.finish_reason = reason
         self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
         self._emit(seq)
+        if seq.on_done is not None:
+            seq.on_done(seq)
         return seq
 
 

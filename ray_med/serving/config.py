@@ -169,6 +169,10 @@ class ServeAppConfig:
     """Largest image (width x height, read from its header before decoding) accepted (HTTP 413 beyond it)."""
     max_new_tokens: int = 512
     """Most tokens one request may generate."""
+    stream_interval_s: float = 0.05
+    """A streamed generation sends what it has decoded at most this often (its first text at once). Each
+    chunk crosses two Ray hops and the proxy; one per token costs more CPU than decoding it under load
+    (measured: bench/generate_load.py). 0: a chunk per decode step."""
     classify_in_gateway: bool = True
     """Run the classifiers inside the gateway replicas, saving a hop per request (right for
     encoder-sized models). false: a separate ClassifierServer deployment that scales on its own."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -155,11 +156,28 @@ class LMEngine:
             self.lm.unload_adapter(name)
         return ended
 
-    def submit(self, req: GenRequest, on_text: Any = None) -> Sequence_:
-        """Queue one sequence (checked first: a bad one fails alone); it joins the batch at the next step."""
+    def submit(self, req: GenRequest, on_text: Any = None, on_done: Any = None) -> Sequence_:
+        """Queue one sequence (checked first: a bad one fails alone); it joins the batch at the next step.
+
+        Thread-safe: the replica's event loop submits while the compute thread steps.
+        """
         if req.adapter is not None and req.adapter not in self.lm.adapters:
             raise ModelError(f"unknown adapter {req.adapter!r}; this server has {sorted(self.lm.adapters) or 'none'}")
-        return self.decoder.submit(req, on_text)
+        return self.decoder.submit(req, on_text, on_done)
+
+    def run_for(self, seconds: float) -> bool:
+        """Steps back to back while sequences run, for at most ``seconds`` (at least one); whether still busy.
+
+        The replica calls it on its compute thread: a model call queued behind it (an
+        adapter load, a top-token batch) waits at most ``seconds``, and the thread hop is
+        paid once per call, not once per token.
+        """
+        end = time.perf_counter() + seconds
+        while self.decoder.busy():
+            self.step()
+            if time.perf_counter() >= end:
+                break
+        return self.decoder.busy()
 
     def decode(self, reqs: Sequence[GenRequest], cancel: threading.Event | None = None) -> list[Sequence_]:
         """Decode ``reqs`` to the end in process (stops within one token once ``cancel`` is set)."""

@@ -41,6 +41,9 @@ from ray_med.serving.errors import HTTPError
 from ray_med.serving.schemas import ClassifyRequest, GenerateRequest, QARequest, image_bytes
 from ray_med.tasks.prompts import QAItem, item_from_record
 
+# How long one call on the compute thread may decode before it yields to other model calls.
+STEP_BUDGET_S = 0.02
+
 
 def _shots(cfg: ServeAppConfig) -> list[QAItem]:
     if cfg.qa.shots <= 0:
@@ -106,13 +109,10 @@ class LMServer:
     # ---- the decode loop
 
     async def _drive(self) -> None:
-        """Run decode steps back to back while any sequence is running or waiting, then stop."""
+        """Run decode steps while any sequence is running or waiting, then stop."""
         try:
-            while self.engine.decoder.busy():
-                for seq in await self.thread.run(self.engine.step):
-                    fut = self._waiters.pop(seq.id, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(seq)
+            while await self.thread.run(self.engine.run_for, STEP_BUDGET_S) or self.engine.decoder.busy():
+                pass  # the second check is on this loop, where submissions happen: none is missed
         except BaseException as exc:  # a failed step fails every request in it, never silently
             for fut in self._waiters.values():
                 if not fut.done():
@@ -122,9 +122,20 @@ class LMServer:
         finally:
             self._driver = None
 
-    async def _submit(self, req: GenRequest, on_text: Any = None) -> tuple[Sequence_, asyncio.Future]:
-        seq = await self.thread.run(self.engine.submit, req, on_text)  # on the compute thread: no race with a step
-        fut = asyncio.get_running_loop().create_future()
+    def _submit(self, req: GenRequest, on_text: Any = None,
+                wake: asyncio.Event | None = None) -> tuple[Sequence_, asyncio.Future]:
+        """Queue ``req`` in the decode loop; the future resolves (and ``wake`` is set) when it ends."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def resolve(seq: Sequence_) -> None:
+            self._waiters.pop(seq.id, None)
+            if not fut.done():
+                fut.set_result(seq)
+            if wake is not None:
+                wake.set()
+
+        seq = self.engine.submit(req, on_text, lambda s: loop.call_soon_threadsafe(resolve, s))
         self._waiters[seq.id] = fut
         if self._driver is None:
             self._driver = asyncio.create_task(self._drive())
@@ -132,7 +143,7 @@ class LMServer:
 
     async def _decode(self, reqs: list[GenRequest]) -> list[Sequence_]:
         """Decode ``reqs`` in the shared batch; cancelling the caller cancels them."""
-        pending = [await self._submit(r) for r in reqs]
+        pending = [self._submit(r) for r in reqs]
         try:
             return [await fut for _, fut in pending]
         except asyncio.CancelledError:
@@ -159,19 +170,38 @@ class LMServer:
         adapter = await self._adapter()
         req = self.engine.gen_request(spec, adapter)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str] = asyncio.Queue()
-        seq, fut = await self._submit(req, lambda text: loop.call_soon_threadsafe(queue.put_nowait, text))
+        # The compute thread appends text here and wakes this loop only when this stream is
+        # waiting for it: one wake-up per chunk, not one per token (the loop and the model
+        # share the GIL, so every wake-up slows the decode).
+        pending: list[str] = []
+        wake = asyncio.Event()
+        armed = [True]
+
+        def on_text(text: str) -> None:
+            pending.append(text)
+            if armed[0]:
+                armed[0] = False
+                loop.call_soon_threadsafe(wake.set)
+
+        seq, fut = self._submit(req, on_text, wake=wake)
+        last = None
         try:
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait([getter, fut], return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield Delta(getter.result())
-                    continue
-                getter.cancel()
-                break
-            while not queue.empty():  # text emitted in the last step
-                yield Delta(queue.get_nowait())
+            while not fut.done():
+                await wake.wait()
+                if last is not None and not fut.done():  # the first text goes at once, then a chunk per interval
+                    wait = self.cfg.stream_interval_s - (loop.time() - last)
+                    if wait > 0:
+                        await asyncio.wait([fut], timeout=wait)
+                wake.clear()
+                armed[0] = True
+                if pending:  # everything decoded since the last chunk, as one
+                    n = len(pending)
+                    text = "".join(pending[:n])
+                    del pending[:n]
+                    yield Delta(text)
+                    last = loop.time()
+            if pending:  # text of the last step
+                yield Delta("".join(pending))
             done = fut.result()
             yield Done(done.finish_reason or "stop", len(req.prompt), len(done.tokens))
         finally:
