@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from common import spread, write_result  # noqa: E402
+from serve_load import ingress_url, serve_env  # noqa: E402
 
 LEVELS = (1, 4, 16)
 # One torch thread, in the replica and the baseline alike: on 2 cores the replica's model
@@ -159,10 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                    help="proxy: through Serve's HTTP proxy (Serve's default); direct: to the gateway replica's "
+                         "own HTTP server (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, as bench/serve_load.py)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generate_load.json"))
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the Serve app config")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    env = serve_env(args.ingress, [])
+    os.environ.update(env)  # before Ray starts: Serve's controller and replicas read them at start-up
 
     import ray
     from ray import serve
@@ -182,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
            "overrides": args.overrides}
     serve.run(build_app(app), name="generate_load", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
+    if args.ingress == "direct":
+        url = ingress_url(url, "generate_load")
     asyncio.run(served(url, prompts[:2], 4, 2))  # warm up
 
     runs: list[dict] = []
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "generate_load", "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
         "model": "tiny-llama (random init), BPE 2048 on MTSamples", "requests": args.requests,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "overrides": args.overrides,
+        "ingress": args.ingress, "serve_env": env,
         "baseline": "sequential in-process HF generate (one request at a time)",
         "served": "/v1/chat/completions, stream=true, greedy, through Ray Serve",
         "baseline_tokens_per_s": spread([r["baseline_tokens_per_s"] for r in runs], 1),

@@ -8,12 +8,15 @@ questions of ../shared/data in ``sc_cot`` mode (n=5, temperature 0.7, seed 0,
 * **batched**: all items and samples through one BatchDecoder of up to 64 sequences
   (``evaluate.py qa``'s default ``decode_batch``);
 * **one at a time**: ``answer_items`` called on one item after another (its 5 samples
-  decoded together: the shape of the former per-item ``generate(num_return_sequences=5)``).
+  decoded together: the shape of the former per-item ``generate(num_return_sequences=5)``);
+* **one sequence at a time** (``decode_batch=1``): every sample of every item alone.
 
 Both use the seeding rule of :func:`ray_med.evaluation.qa.cot_requests`, so the samples,
 votes and answers must be identical; the run fails otherwise. Key ``sc_cot_speedup``:
 one-at-a-time seconds over batched seconds, the median of ``--repeats`` (default 3),
-min and max beside it. Writes ``bench/results/qa_eval_throughput.json``.
+min and max beside it (``speedup_vs_one_sequence`` against the third). A random-init
+model writes no extractable answer, so every item abstains: the benchmark times the
+decoding and checks the answers agree, it does not score them. Writes ``bench/results/qa_eval_throughput.json``.
 
     python bench/qa_eval_throughput.py [--items 100] [--repeats 3] [--new-tokens 32]
 """
@@ -68,13 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         single = [answer_items(model, tok, [it], cfg)[0] for it in items]
         t_single = time.perf_counter() - t0
-        same = all(a.samples == b.samples and a.votes == b.votes and a.answer == b.answer
-                   for a, b in zip(batched, single, strict=True))
+        t0 = time.perf_counter()
+        sequential = answer_items(model, tok, items, cfg, decode_batch=1)
+        t_sequential = time.perf_counter() - t0
+        same = all(a.samples == b.samples == c.samples and a.votes == b.votes == c.votes and a.answer == b.answer
+                   for a, b, c in zip(batched, single, sequential, strict=True))
         if not same:
             print("batched and one-at-a-time answers differ", file=sys.stderr)
             return 1
         tokens = sum(len(tok(s, add_special_tokens=False)["input_ids"]) for r in batched for s in r.samples)
         runs.append({"batched_s": t_batched, "one_at_a_time_s": t_single, "speedup": t_single / t_batched,
+                     "one_sequence_at_a_time_s": t_sequential, "speedup_vs_one_sequence": t_sequential / t_batched,
                      "approx_tokens": tokens, "identical_answers": same})
         print(runs[-1], flush=True)
     answered = sum(not r.abstained for r in batched)
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "batched_s": spread([r["batched_s"] for r in runs], 2),
         "one_at_a_time_s": spread([r["one_at_a_time_s"] for r in runs], 2),
         "speedup": spread([r["speedup"] for r in runs], 2),
+        "one_sequence_at_a_time_s": spread([r["one_sequence_at_a_time_s"] for r in runs], 2),
+        "speedup_vs_one_sequence": spread([r["speedup_vs_one_sequence"] for r in runs], 2),
         "identical_answers": all(r["identical_answers"] for r in runs), "answered_items": answered,
         "runs": runs,
     }
