@@ -24,8 +24,13 @@ mixed-batch ``adapter_names`` cannot express, and the adapter switch is a flag f
 
 Independence from the batch: each row's logits depend only on its own tokens (pads are
 masked), and each sampled sequence draws from its own generator seeded by
-:func:`sample_seed`, so a request's tokens are the same alone or in any batch (greedy
-exactly up to float summation order, which the tests check token for token).
+:func:`sample_seed`, so a request's tokens are the same alone or in any batch, up to
+float summation order: the tests check it token for token on CPU in float32; on a GPU in
+bfloat16, kernels chosen by batch shape can flip a near-tied argmax.
+
+Failure is per sequence: a bad request is refused by :meth:`BatchDecoder.submit`, and a
+forward or sampling that raises ends only the sequences in it (``finish_reason``
+``error``, with the exception), their cache dropped; the loop and the other rows go on.
 
 No threads and no Ray: the caller drives :meth:`step` (the Serve replica on its compute
 thread, between other model calls; ``evaluate.py qa`` in a plain loop).
@@ -50,6 +55,8 @@ from ray_med.errors import DataError
 from ray_med.tasks.prompts import PromptTooLong
 
 MAX_TEMPERATURE = 2.0
+# Below this a temperature is greedy: logits / 1e-40 overflow to inf and the softmax to NaN (vLLM's rule too).
+GREEDY_BELOW = 1e-5
 
 
 def sample_seed(seed: int, index: int = 0) -> int:
@@ -106,6 +113,8 @@ class Sequence_:
     emitted: int = 0
     """Characters of ``text`` already passed to ``on_text``."""
     finish_reason: str | None = None
+    """stop, length, cancelled, or error (its forward or sampling raised: ``error``)."""
+    error: Exception | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None
 
@@ -156,7 +165,8 @@ class BatchDecoder:
         self._lock = threading.Lock()
         self.groups: dict[str | None, _Group] = {}
         self._ids = itertools.count()
-        self.stats = {"finished": 0, "cancelled": 0, "generated_tokens": 0, "steps": 0, "max_batch_seen": 0}
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0, "steps": 0,
+                      "max_batch_seen": 0}
 
     # ---- the queue
 
@@ -206,8 +216,13 @@ class BatchDecoder:
         with torch.inference_mode():
             for group in list(self.groups.values()):
                 if group.seqs:
-                    self._decode(group)
-            self._prefill(newcomers)
+                    try:
+                        self._decode(group)
+                    except Exception as exc:  # noqa: BLE001  a failed forward (e.g. out of memory) fails its
+                        # rows, and its cache with them, never the loop or the other adapters' rows
+                        del self.groups[group.adapter]
+                        ended += [self._fail(seq, exc) for seq in group.seqs]
+            ended += self._prefill(newcomers)
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], self.active)
             for group in list(self.groups.values()):
                 ended += self._retire(group)
@@ -215,10 +230,14 @@ class BatchDecoder:
         return ended
 
     def run(self, requests: Iterable[GenRequest]) -> list[Sequence_]:
-        """Decode ``requests`` to the end; the sequences in request order (an offline batch)."""
+        """Decode ``requests`` to the end; the sequences in request order (an offline batch).
+
+        The first sequence's error is raised, once every sequence has ended.
+        """
         seqs = [self.submit(r) for r in requests]
         while self.busy():
             self.step()
+        raise_first_error(seqs)
         return seqs
 
     # ---- internals
@@ -230,8 +249,12 @@ class BatchDecoder:
             # logits_to_keep=1: a prefill computes the logits of its last position only.
             return model(**inputs, use_cache=True, logits_to_keep=1)
 
-    def _prefill(self, newcomers: list[Sequence_]) -> None:
-        """Each distinct prompt (per adapter) in one forward alone; its samples share that prefill's cache."""
+    def _prefill(self, newcomers: list[Sequence_]) -> list[Sequence_]:
+        """Each distinct prompt (per adapter) in one forward alone; its samples share that prefill's cache.
+
+        Returns the sequences whose prefill failed (ended with their error).
+        """
+        failed: list[Sequence_] = []
         shared: dict[tuple, list[Sequence_]] = {}
         for seq in newcomers:  # sc_cot's n samples of a prompt: one prefill, n rows
             shared.setdefault((seq.req.adapter, tuple(seq.req.prompt)), []).append(seq)
@@ -239,17 +262,22 @@ class BatchDecoder:
         for (adapter, prompt), seqs in shared.items():
             ids = torch.tensor([list(prompt)], device=self.device)
             cache = DynamicCache()
-            # The cache is filled in place.
-            out = self._forward(adapter, input_ids=ids, attention_mask=torch.ones_like(ids),
-                                **{self._cache_kw: cache})
-            for seq in seqs:
-                seq.generator = torch.Generator(device="cpu").manual_seed(seq.req.seed)
-            tokens = self._sample(out.logits[:, -1].expand(len(seqs), -1), seqs)
+            try:
+                # The cache is filled in place.
+                out = self._forward(adapter, input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    **{self._cache_kw: cache})
+                for seq in seqs:
+                    seq.generator = torch.Generator(device="cpu").manual_seed(seq.req.seed)
+                tokens = self._sample(out.logits[:, -1].expand(len(seqs), -1), seqs)
+            except Exception as exc:  # noqa: BLE001  this prompt's sequences fail, the batch goes on
+                failed += [self._fail(seq, exc) for seq in seqs]
+                continue
             for seq, token in zip(seqs, tokens, strict=True):
                 joining.setdefault(adapter, []).append((seq, cache))
                 self._append(seq, token)
         for adapter, rows in joining.items():
             self._join(self.groups.setdefault(adapter, _Group(adapter)), rows)
+        return failed
 
     def _join(self, group: _Group, rows: list[tuple[Sequence_, DynamicCache]]) -> None:
         """Add one-row caches to the group's in one concatenation, each padded on the left to the widest."""
@@ -286,7 +314,7 @@ class BatchDecoder:
         out = []
         for row, seq in zip(logits, seqs, strict=True):
             req = seq.req
-            if req.temperature <= 0:
+            if req.temperature < GREEDY_BELOW:
                 out.append(int(row.argmax()))
                 continue
             probs = torch.softmax(row / req.temperature, dim=-1).cpu()
@@ -347,13 +375,24 @@ class BatchDecoder:
             layer.values = layer.values.index_select(0, index)[:, :, trim:]
         return ended
 
+    def _fail(self, seq: Sequence_, exc: Exception) -> Sequence_:
+        seq.error = exc
+        return self._finish(seq, "error")
+
     def _finish(self, seq: Sequence_, reason: str) -> Sequence_:
         seq.finish_reason = reason
-        self.stats["cancelled" if reason == "cancelled" else "finished"] += 1
+        self.stats[{"cancelled": "cancelled", "error": "failed"}.get(reason, "finished")] += 1
         self._emit(seq)
         if seq.on_done is not None:
             seq.on_done(seq)
         return seq
+
+
+def raise_first_error(seqs: Iterable[Sequence_]) -> None:
+    """Raise the error of the first sequence that failed, if any did."""
+    for seq in seqs:
+        if seq.error is not None:
+            raise seq.error
 
 
 def _pad_left(x: torch.Tensor, n: int) -> torch.Tensor:

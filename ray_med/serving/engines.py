@@ -54,10 +54,11 @@ from ray_med.evaluation.qa import (
     prompt_limit,
     top_token,
 )
-from ray_med.generation.decoder import BatchDecoder, GenRequest, Sequence_, sample_seed
+from ray_med.generation.decoder import BatchDecoder, GenRequest, Sequence_, raise_first_error, sample_seed
 from ray_med.generation.spec import GenSpec
 from ray_med.models import inference_device, load_base_model, load_tokenizer
 from ray_med.models.vlm import IMAGE_TOKEN, add_image_token, load_vlm
+from ray_med.serving.errors import HTTPError
 from ray_med.serving.schemas import data_url_base64, image_bytes
 from ray_med.tasks.instructions import Example, make_example
 from ray_med.tasks.prompts import PromptTooLong, QAItem, fit_prompt, select_shots
@@ -162,7 +163,8 @@ class LMEngine:
         Thread-safe: the replica's event loop submits while the compute thread steps.
         """
         if req.adapter is not None and req.adapter not in self.lm.adapters:
-            raise ModelError(f"unknown adapter {req.adapter!r}; this server has {sorted(self.lm.adapters) or 'none'}")
+            raise HTTPError(404, f"unknown adapter {req.adapter!r}; available: {sorted(self.lm.adapters) or 'none'}",
+                            "unknown_adapter")
         return self.decoder.submit(req, on_text, on_done)
 
     def run_for(self, seconds: float) -> bool:
@@ -187,6 +189,7 @@ class LMEngine:
                 for s in seqs:
                     s.cancel()
             self.step()
+        raise_first_error(seqs)
         return seqs
 
     def qa_config(self, **request: Any) -> QAConfig:

@@ -237,6 +237,13 @@ class ChatMessage(_OpenAI):
         return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
 
 
+def _unsupported(v: object, info: ValidationInfo) -> object:
+    """A field this server does not honour: its SDK default (None, False, 0, empty) passes, anything else is a 422."""
+    if v:
+        raise ValueError(f"{info.field_name} is not supported; leave it unset")
+    return v
+
+
 class StreamOptions(_OpenAI):
     include_usage: bool = False
     """A last chunk with the token counts (and no choices), before ``[DONE]``."""
@@ -256,14 +263,7 @@ class _Sampling(_OpenAI):
     logprobs: bool | int | None = Field(default=None, description="not supported")
 
     _stop = field_validator("stop")(lambda v: _at_most(v, MAX_STOP, "stop strings"))
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
-        # False/0/None are what SDKs send by default; anything else asks for what this server does not compute.
-        if v:
-            raise ValueError("logprobs is not supported; leave it unset")
-        return v
+    _no_logprobs = field_validator("logprobs")(_unsupported)
 
 
 class ChatRequest(_Sampling):
@@ -273,13 +273,8 @@ class ChatRequest(_Sampling):
     top_logprobs: int | None = Field(default=None, description="not supported")
     tools: list[dict] | None = Field(default=None, description="not supported")
 
-    @field_validator("top_logprobs", "tools")
-    @classmethod
-    def _unsupported(cls, v: object, info: ValidationInfo) -> object:
-        # An empty or zero value is an SDK default; ignored tools would read as "the model chose not to call one".
-        if v:
-            raise ValueError(f"{info.field_name} is not supported; leave it unset")
-        return v
+    # Ignored tools would read as "the model chose not to call one": refused instead.
+    _no_tools = field_validator("top_logprobs", "tools")(_unsupported)
 
 
 class CompletionRequest(_Sampling):
@@ -297,12 +292,7 @@ class CompletionRequest(_Sampling):
     def _one_prompt(cls, v: str | list[str]) -> str:
         return _at_most(v, 1, "prompt (one per request)")[0] if isinstance(v, list) else v  # a batch of one
 
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _unsupported(cls, v: object, info: ValidationInfo) -> object:
-        if v:
-            raise ValueError(f"{info.field_name} is not supported; leave it unset")
-        return v
+    _no_echo = field_validator("echo", "suffix")(_unsupported)
 
 
 def data_url_base64(url: str) -> str:

@@ -129,3 +129,40 @@ def test_the_cache_narrows_when_the_longest_sequence_leaves(model, tok, prompts)
     while not long_.done:
         dec.step()
     assert group.width == group.lengths[0] == len(prompts[2]) + len(short.tokens) - 1  # no all-pad columns left
+
+
+def test_a_failing_forward_fails_its_rows_only(model, tok, prompts):
+    """An adapter whose forward raises (e.g. out of memory) ends its sequences with the error; the others go on."""
+    from contextlib import contextmanager
+
+    state = {"calls": 0}
+
+    @contextmanager
+    def use(adapter):
+        if adapter == "broken":
+            state["calls"] += 1
+            if state["calls"] >= 2:  # its prefill works, its first decode step raises
+                raise RuntimeError("CUDA out of memory (simulated)")
+        yield model
+
+    dec = BatchDecoder(model, tok, use=use)
+    good = dec.submit(GenRequest(prompts[0], 10))
+    bad = [dec.submit(GenRequest(p, 10, adapter="broken")) for p in prompts[1:3]]
+    while dec.busy():
+        dec.step()
+    assert [s.finish_reason for s in bad] == ["error", "error"]
+    assert all("out of memory" in str(s.error) for s in bad) and "broken" not in dec.groups
+    assert good.tokens == alone(model, tok, GenRequest(prompts[0], 10)) and good.finish_reason == "length"
+    assert dec.stats["failed"] == 2 and dec.stats["finished"] == 1
+    with pytest.raises(RuntimeError, match="out of memory"):  # an offline batch raises it, once all have ended
+        BatchDecoder(model, tok, use=use).run([GenRequest(prompts[0], 4, adapter="broken")])
+
+
+def test_end_of_sequence_first_and_a_tiny_temperature(model, tok, prompts):
+    """A sequence whose first token is EOS ends with no text; a temperature below 1e-5 decodes greedily (no NaN)."""
+    greedy = alone(model, tok, GenRequest(prompts[0], 6))
+    dec = BatchDecoder(model, tok)
+    dec.eos = {greedy[0]}  # make the first greedy token the end of sequence
+    first = dec.run([GenRequest(prompts[0], 6)])[0]
+    assert first.tokens == [] and first.text == "" and first.finish_reason == "stop"
+    assert alone(model, tok, GenRequest(prompts[0], 6, temperature=1e-40, seed=3)) == greedy

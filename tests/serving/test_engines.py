@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ray_med.errors import ConfigError, ModelError
+from ray_med.serving.errors import HTTPError
 
 
 def test_adapter_host_switches_shares_and_unloads(serve_models):
@@ -204,5 +205,6 @@ def test_mixed_adapters_decode_in_one_batch_as_they_do_alone(serve_models):
         engine.step()
     assert [s.tokens for s in seqs] == solo
     assert "a" not in engine.host.loaded and "b" in engine.host.loaded
-    with pytest.raises(ModelError, match="unknown adapter 'z'"):
+    with pytest.raises(HTTPError, match="unknown adapter 'z'") as info:
         engine.submit(GenRequest(prompt, 4, adapter="z"))
+    assert info.value.status == 404

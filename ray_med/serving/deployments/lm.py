@@ -9,10 +9,11 @@ folder's config and sends a multimodal model no QA and a text-only one no images
 Top-token QA is dynamically batched (one adapter per batch: Serve splits batches by the
 multiplexed model id). Generation (``generate_text``, ``generate_stream``) and
 chain-of-thought QA on a causal LM share one decode loop
-(:class:`~ray_med.generation.decoder.BatchDecoder`): a request is submitted on the
-compute thread and joins the running batch at the next step; one driver task runs the
-steps back to back on that thread, so adapter loads and top-token batches interleave
-between steps. A streaming request receives its text as it is decoded; a cancelled one
+(:class:`~ray_med.generation.decoder.BatchDecoder`): a request is submitted from the
+event loop (a locked inbox) and joins the running batch at the next step; one driver
+task runs steps on the compute thread, up to ``STEP_BUDGET_S`` per call, so adapter
+loads and top-token batches interleave between calls. A sequence whose forward fails
+fails its own request only. A streaming request receives its text as it is decoded; a cancelled one
 (the client left, or it timed out) leaves the batch at the next step. Sampling uses the
 request's ``seed``, or a random one when it has none. A multimodal model generates one
 request at a time.
@@ -130,12 +131,16 @@ class LMServer:
 
         def resolve(seq: Sequence_) -> None:
             self._waiters.pop(seq.id, None)
-            if not fut.done():
+            if fut.done():
+                return
+            if seq.error is not None:  # its forward or sampling failed: this request fails, the others go on
+                fut.set_exception(seq.error)
+            else:
                 fut.set_result(seq)
-            if wake is not None:
-                wake.set()
 
         seq = self.engine.submit(req, on_text, lambda s: loop.call_soon_threadsafe(resolve, s))
+        if wake is not None:  # however the request ends (its result, its error, the loop's failure)
+            fut.add_done_callback(lambda _: wake.set())
         self._waiters[seq.id] = fut
         if self._driver is None:
             self._driver = asyncio.create_task(self._drive())
@@ -216,14 +221,20 @@ class LMServer:
         return {"active": d.active, "waiting": len(d.waiting), **d.stats}
 
     async def _vlm_generate(self, spec: GenSpec) -> Generation:
+        """One multimodal generation (one request at a time, through transformers' generate)."""
+        if spec.stop or spec.top_p < 1.0:
+            raise HTTPError(422, "stop and top_p are not supported by the multimodal model; leave them unset",
+                            param="stop" if spec.stop else "top_p")
         if spec.messages is not None:
             prompt, image = self.vlm.chat_prompt(spec.messages)
         else:
             if spec.prompt is None:
                 raise HTTPError(422, "prompt is required")
             prompt, image = spec.prompt, image_bytes(spec.image) if spec.image is not None else None
-        return await self.thread.run_cancellable(self.vlm.complete, prompt, image, max_new_tokens=spec.max_new_tokens,
-                                                 temperature=spec.temperature, seed=spec.seed)
+        out = await self.thread.run_cancellable(self.vlm.complete, prompt, image, max_new_tokens=spec.max_new_tokens,
+                                                temperature=spec.temperature, seed=spec.seed)
+        out.finish_reason = "length" if out.completion_tokens >= spec.max_new_tokens else "stop"
+        return out
 
     async def classify_injected(self, req: ClassifyRequest) -> dict[str, Any]:
         """An injected model's answer to ``req.task`` about the request's image, features or text."""
