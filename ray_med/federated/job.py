@@ -237,9 +237,8 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
             row = fed.round(r, state)
             row["started"] = started
             if not row.get("skipped"):
-                refs = {mod: pool[i % len(pool)].evaluate.remote(state.weights, mod, plan["splits"][mod]["dev"])
-                        for i, mod in enumerate(specs)}
-                row["dev"] = {mod: _point(ray_get(ref)) for mod, ref in refs.items()}
+                dev = fed.evaluate(state.weights, {mod: plan["splits"][mod]["dev"] for mod in specs})
+                row["dev"] = {mod: _point(dev[mod]) for mod in specs}
             row["round_s"] = time.perf_counter() - t0
             print(_line(row), flush=True)
             state.log.append(row)
@@ -249,9 +248,7 @@ def run_federated(cfg: FederatedConfig, ctx: RunContext) -> FederatedOutputs:
                 print(f"[federated] holding after round {state.round} (test hook)", flush=True)
                 time.sleep(3600)
         # The final global model on the federation's test split (selected nothing), with bootstrap CIs.
-        refs = {mod: pool[i % len(pool)].evaluate.remote(state.weights, mod, plan["splits"][mod]["test"], cfg.bootstrap)
-                for i, mod in enumerate(specs)}
-        test = {mod: ray_get(ref) for mod, ref in refs.items()}
+        test = fed.evaluate(state.weights, {mod: plan["splits"][mod]["test"] for mod in specs}, cfg.bootstrap)
         for mod, spec in specs.items():
             model = build_model(spec, cfg.run.seed)
             load_weights(model, state.weights)

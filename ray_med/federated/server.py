@@ -40,7 +40,7 @@ from ray_med.federated.config import FederatedConfig
 from ray_med.federated.executor import unpack
 from ray_med.federated.privacy import Accountant, add_noise, dp_average, noise_std
 from ray_med.federated.strategies import Strategy, Weights, aggregate, sum_contributions
-from ray_med.runtime import Storage, localize
+from ray_med.runtime import Storage, localize, ray_get
 
 
 @dataclass
@@ -169,18 +169,7 @@ class Federation:
         (``down``) and asked again at the next.
         """
         cfg = self.cfg.pool
-        for _ in range(2):  # once more for the executors just replaced
-            pool = self._probe(dict(enumerate(self.pool)), cfg.start_wait_s)
-            if any(state == "down" for state in pool.values()):
-                raise ray.exceptions.GetTimeoutError(
-                    f"a federated pool executor did not start in {cfg.start_wait_s:.0f}s (pool.start_wait_s); "
-                    f"does a node offer num_cpus {cfg.num_cpus} and the resources {cfg.resources or '{}'}?")
-            dead = [i for i, state in pool.items() if state == "dead"]
-            for i in dead:
-                self.log("[federated] an executor is out of restarts; starting a new one")
-                self.pool[i] = self._replace(self.pool[i], None)
-            if not dead:
-                break
+        self._ready_pool()
         wait = cfg.site_wait_s if self.started else cfg.start_wait_s
         sites = self._probe(dict(self.pinned), wait)
         for site in [s for s, state in sites.items() if state == "dead"]:
@@ -195,6 +184,49 @@ class Federation:
             elif state != "up" and site not in self.down:
                 self.log(f"[federated] site {site} does not answer (its node may be gone); left out until it does")
                 self.down.add(site)
+
+    def _ready_pool(self) -> None:
+        """Every shared-pool executor answering (waited for up to ``pool.start_wait_s``); one out of restarts replaced."""
+        cfg = self.cfg.pool
+        for _ in range(2):  # once more for the executors just replaced
+            pool = self._probe(dict(enumerate(self.pool)), cfg.start_wait_s)
+            if any(state == "down" for state in pool.values()):
+                raise ray.exceptions.GetTimeoutError(
+                    f"a federated pool executor did not start in {cfg.start_wait_s:.0f}s (pool.start_wait_s); "
+                    f"does a node offer num_cpus {cfg.num_cpus} and the resources {cfg.resources or '{}'}?")
+            dead = [i for i, state in pool.items() if state == "dead"]
+            for i in dead:
+                self.log("[federated] an executor is out of restarts; starting a new one")
+                self.pool[i] = self._replace(self.pool[i], None)
+            if not dead:
+                break
+
+    def evaluate(self, weights: Weights, rows: dict[str, Any], *args: Any, attempts: int = 3) -> dict[str, Any]:
+        """Each modality's ``rows`` scored by a pool executor, all at once (``args``: the executor's, e.g. bootstrap).
+
+        An executor that a client's crash took down may still be restarting when the
+        round's scoring reaches it (Ray answers ``ActorUnavailableError``), or be out of
+        restarts: the pool is waited for (and a dead executor replaced), and the
+        modalities it did not score are asked again, at most ``attempts`` times.
+        """
+        out: dict[str, Any] = {}
+        todo = list(rows)
+        for attempt in range(attempts):
+            refs = {mod: self.pool[i % len(self.pool)].evaluate.remote(weights, mod, rows[mod], *args)
+                    for i, mod in enumerate(todo)}
+            failed = []
+            for mod, ref in refs.items():
+                try:
+                    out[mod] = ray_get(ref)
+                except ray.exceptions.RayActorError:  # restarting (ActorUnavailableError) or dead
+                    failed.append(mod)
+            if not failed:
+                return out
+            if attempt + 1 < attempts:
+                self.log(f"[federated] an executor was restarting while scoring {', '.join(failed)}; asking again")
+                self._ready_pool()
+            todo = failed
+        raise ray.exceptions.RayActorError(f"no pool executor could score {', '.join(todo)} in {attempts} attempts")
 
     def _dispatch(self, round_: int, sampled: list[str], state: ServerState, global_ref: Any,
                   plan_ref: Any, job: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
