@@ -17,6 +17,9 @@ from ray_med.errors import ConfigError
 from ray_med.models.config import ModelConfig, TokenizerConfig
 from ray_med.runtime import RuntimeConfig
 
+FUSED_LOSSES = ("auto", "chunked", "liger")
+"""The named kinds of ``train.fused_loss`` (besides true, which is auto, and false)."""
+
 
 @dataclass
 class OptimConfig:
@@ -99,6 +102,15 @@ class TrainSettings:
     """Report metrics to Ray Train every this many steps (a barrier across workers)."""
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU (H100 bf16 dense: 989e12); 0 disables MFU."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder layer's input and recompute the rest in the backward (HF gradient
+    checkpointing, non-reentrant): about a third more compute for a fraction of the activation memory."""
+    compile: bool = False
+    """torch.compile each decoder layer in place (the DeepSpeed engine still wraps the model); worth it
+    on a GPU, where the first steps pay a compile of one layer. Off by default: on CPU it costs more than it saves."""
+    fused_loss: bool | str = False
+    """The LM loss without the fp32 logits of the whole batch: true or auto (Liger's fused kernel on a GPU
+    with the gpu extra, else chunked), chunked (plain torch, token chunks), liger (GPU only); false: HF's loss."""
     fail_at_step: int | None = None
     """Test only: rank 1 (or 0 with one worker) exits once at this step to exercise recovery."""
     fail_mode: str = "exit"
@@ -108,6 +120,9 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.fail_mode not in ("exit", "hold"):
             raise ConfigError(f"train.fail_mode must be exit or hold, got {self.fail_mode!r}")
+        if isinstance(self.fused_loss, str) and self.fused_loss not in FUSED_LOSSES:
+            raise ConfigError(f"train.fused_loss must be true, false or one of {', '.join(FUSED_LOSSES)}, "
+                              f"got {self.fused_loss!r}")
 
 
 @dataclass
@@ -118,6 +133,10 @@ class CheckpointSettings:
     """Checkpoint every this many steps (and at the end)."""
     keep: int = 2
     """Checkpoints to keep (the oldest are deleted)."""
+    async_upload: bool = False
+    """Copy each checkpoint to the run's storage in the background (Ray Train's ASYNC upload): training
+    waits only for the local write. Off by default: a worker that dies during an upload resumes one checkpoint
+    further back."""
 
 
 @dataclass
@@ -206,6 +225,8 @@ class ClassifyTrainConfig:
     """Gradient clipping by global norm (0 disables)."""
     log_every: int = 0
     """Log a step line every N steps (0: one line per epoch)."""
+    compile: bool = False
+    """torch.compile each encoder/decoder layer of the base in place (worth it on a GPU; off on CPU)."""
     fail_at_step: int | None = None
     """Test only: rank 1 (or 0 with one worker) exits once at this step to exercise recovery."""
 

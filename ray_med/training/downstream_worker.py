@@ -34,6 +34,7 @@ from ray_med.tasks.classification import TaskData
 from ray_med.training.classify import train_classifier
 from ray_med.training.config import FinetuneConfig
 from ray_med.training.report import plot_epochs
+from ray_med.training.speed import compile_layers
 from ray_med.training.worker import RayCheckpoints, reduce_mean, say, test_fault, worker_info
 
 
@@ -109,6 +110,9 @@ def downstream_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     model = build_classifier(base, cspec)
     counts = describe_trainable(model)
+    if cfg.train.compile:
+        # In place: DDP, the checkpoints and save_classifier see the same modules and parameter names.
+        compile_layers(model)
 
     def wrap(m: torch.nn.Module) -> torch.nn.Module:
         return prepare_model(m, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})

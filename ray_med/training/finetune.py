@@ -35,7 +35,7 @@ from ray_med.tasks.classification import Splits, TaskData, train_dev_test_split
 from ray_med.training.config import FinetuneConfig, FinetuneOutputs, PretrainConfig
 from ray_med.training.downstream_worker import DownstreamSpec, downstream_worker
 from ray_med.training.preflight import check_adapter, check_batches, meta_model
-from ray_med.training.pretrain import train_lm
+from ray_med.training.pretrain import timing_line, timings, train_lm
 from ray_med.training.trainer import build_trainer, fit, threads_per_worker
 
 log = logging.getLogger("ray_med.finetune")
@@ -61,11 +61,12 @@ def _run_domain(cfg: FinetuneConfig, ctx: RunContext) -> FinetuneOutputs:
         scaling=cfg.scaling, eval=cfg.eval, checkpoint=cfg.checkpoint, output_dir=cfg.output_dir,
     )
     result, history = train_lm(pcfg, ctx, adapter=cfg.adapter, name="domain")
-    metrics = dict(result.metrics or {})
+    metrics = {**(result.metrics or {}), **timings(history)}
     adapter_dir = f"{(cfg.output_dir or ctx.dir).rstrip('/')}/adapter"
     print(f"\ndomain adaptation finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")
     print(f"domain adapter: {adapter_dir}  (PEFT format: adapter_config.json + adapter_model.safetensors)")
     print(f"metrics:     {ctx.path('metrics.json')}  plot: {ctx.path('plots', 'loss.png')}")
+    print(timing_line(metrics))
     return FinetuneOutputs(run_dir=ctx.dir, stage="domain", adapter_dir=adapter_dir, metrics=metrics,
                            history=history)
 

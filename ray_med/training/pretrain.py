@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -46,10 +47,11 @@ from ray_med.models import load_config, load_tokenizer
 from ray_med.runtime import RunContext, init_ray, localize, ray_get
 from ray_med.training.config import PretrainConfig, PretrainOutputs
 from ray_med.training.preflight import check_adapter, check_batches, meta_model
-from ray_med.training.pretrain_worker import WorkerSpec, pretrain_worker
+from ray_med.training.pretrain_worker import TIMINGS, WorkerSpec, pretrain_worker
 from ray_med.training.trainer import build_trainer, fit, threads_per_worker
 
 log = logging.getLogger("ray_med.pretrain")
+"""The driver's logger; a stage that reuses :func:`train_lm` logs under its own name (ray_med.domain)."""
 
 
 def _pack_batch(batch: pa.Table, tokenizer: Any, seq_len: int) -> dict[str, np.ndarray]:
@@ -220,8 +222,11 @@ def train_lm(cfg: PretrainConfig, ctx: RunContext, *, adapter: AdapterConfig | N
     """Train a causal LM (or only ``adapter`` over it) on ``cfg.corpus``: (Ray Train's Result, the history).
 
     The model (or adapter) goes to ``<output_dir>/model`` (``<output_dir>/adapter``),
-    the run folder by default, with ``metrics.json`` and ``plots/loss.png``.
+    the run folder by default, with ``metrics.json`` and ``plots/loss.png``. ``name``
+    prefixes the progress lines ([pretrain], [domain]) and names the driver's logger.
     """
+    started = time.time()  # time_to_first_step_s counts from here: the job's config is loaded, its run started
+    stage_log = logging.getLogger(f"ray_med.{name}")
     cfg.corpus.check()
     if cfg.model.path and cfg.tokenizer.path:
         raise ConfigError("tokenizer.path is for presets: the model at model.path brings its own tokenizer")
@@ -238,7 +243,7 @@ def train_lm(cfg: PretrainConfig, ctx: RunContext, *, adapter: AdapterConfig | N
                   workers=cfg.scaling.num_workers, what="the training mixture",
                   unit=f"{cfg.train.seq_len}-token sequences", fix="lower train.micro_batch_size or train.seq_len, or add data")
     for source, st in stats.items():
-        log.info("source %s: %d train sequences, %d in the mixture (%.1f%%), %d held-out sequences",
+        stage_log.info("source %s: %d train sequences, %d in the mixture (%.1f%%), %d held-out sequences",
                  source, st["train_sequences"], st["mixture_sequences"], 100 * st["mixture_share"],
                  st["heldout_sequences"])
     ctx.write_text("data_stats.json", json.dumps(stats, indent=2) + "\n")
@@ -248,11 +253,25 @@ def train_lm(cfg: PretrainConfig, ctx: RunContext, *, adapter: AdapterConfig | N
         checkpoint=cfg.checkpoint, eval=cfg.eval, use_gpu=cfg.scaling.use_gpu, threads=threads,
         seed=cfg.run.seed, run_name=ctx.name, name=name, eval_blocks=eval_blocks,
         export_dir=cfg.output_dir or ctx.dir, tokenizer=tokenizer, metrics_dir=ctx.dir, adapter=adapter,
+        started=started,
     )
     trainer = build_trainer(pretrain_worker, {"spec": spec}, scaling=cfg.scaling, ctx=ctx, threads=threads,
                             keep_checkpoints=cfg.checkpoint.keep, datasets={"train": train_ds})
     result = fit(trainer)
     return result, list(result.return_value or [])
+
+
+def timings(history: list[dict[str, Any]]) -> dict[str, float]:
+    """time_to_first_step_s and checkpoint_save_s of the run (the worker adds them to the last row)."""
+    last = history[-1] if history else {}
+    return {k: last[k] for k in TIMINGS if last.get(k) is not None}
+
+
+def timing_line(times: dict[str, float]) -> str:
+    """The summary's line of the two timings."""
+    first = times.get("time_to_first_step_s")
+    return (f"timings:     first step {'n/a' if first is None else f'{first:.1f} s'} after the job started, "
+            f"{times.get('checkpoint_save_s', 0.0):.2f} s saving checkpoints")
 
 
 def run_pretrain(cfg: PretrainConfig, ctx: RunContext) -> PretrainOutputs:
@@ -261,10 +280,11 @@ def run_pretrain(cfg: PretrainConfig, ctx: RunContext) -> PretrainOutputs:
     model_dir = f"{(cfg.output_dir or ctx.dir).rstrip('/')}/model"
     # Local mode (num_workers=0) returns no run folder and keeps no checkpoint.
     checkpoint = result.checkpoint.path if result.checkpoint is not None and result.path else None
-    metrics = dict(result.metrics or {})
+    metrics = {**(result.metrics or {}), **timings(history)}
     print(f"\npretraining finished at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}")
     print(f"model:       {model_dir}  (an HF folder: transformers' AutoModelForCausalLM loads it)")
     print(f"metrics:     {ctx.path('metrics.json')}  plot: {ctx.path('plots', 'loss.png')}")
     print(f"checkpoint:  {checkpoint or 'none (scaling.num_workers=0: local mode keeps no checkpoints)'}")
+    print(timing_line(metrics))
     return PretrainOutputs(run_dir=ctx.dir, model_dir=model_dir, metrics=metrics, checkpoint=checkpoint,
                            history=history)

@@ -16,7 +16,8 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch.distributed as dist
 
 from ray_med.adapters.config import AdapterConfig
 from ray_med.adapters.registry import get_method
+from ray_med.errors import ConfigError
 from ray_med.evaluation.perplexity import lm_nll
 from ray_med.models import build_or_load, count_parameters, save_pretrained
 from ray_med.models.config import ModelConfig
@@ -43,17 +45,21 @@ from ray_med.training.deepspeed_config import deepspeed_config
 from ray_med.training.loop import LoopSettings, LoopState, StepResult, run_loop
 from ray_med.training.report import plot_losses
 from ray_med.training.schedule import flops_per_token, lr_at
+from ray_med.training.speed import compile_layers, fuse_lm_loss, resolve_fused_loss
 from ray_med.training.worker import (
     RayCheckpoints,
     ensure_process_group,
     reduce_mean,
-    report,
     say,
     test_fault,
     worker_info,
 )
 
 CKPT_TAG = "ds"
+
+TIMINGS = ("time_to_first_step_s", "checkpoint_save_s")
+"""Added to the last row of the history (metrics.json) and to the job's metrics: the seconds from the job's
+start to this attempt's first optimizer step, and the seconds training waited on checkpoint saves."""
 
 
 @dataclass
@@ -83,6 +89,8 @@ class WorkerSpec:
     """Run folder for metrics.json and the loss plot."""
     adapter: AdapterConfig | None = None
     """Train only this adapter on the frozen model (stage-1 domain adaptation)."""
+    started: float | None = None
+    """When the job started (``time.time()`` on the driver), for ``time_to_first_step_s``."""
 
 
 def _param_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
@@ -133,6 +141,24 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - (
         embedding.numel() if embedding.requires_grad else 0)
     n_frozen = count_parameters(model) - embedding.numel() - n_trainable
+    ds = spec.deepspeed
+    if world == 1 and ds.zero_stage > 0 and not (ds.offload_optimizer or ds.offload_params):
+        # ZeRO partitions state across data-parallel ranks; with one rank there is nothing
+        # to partition and stages 1-3 only add flat-buffer copies (5% of a tiny CPU step).
+        ds = dataclasses.replace(ds, zero_stage=0)
+    loss_kind = resolve_fused_loss(t.fused_loss, on_gpu=spec.use_gpu)
+    if loss_kind is not None:
+        if ds.zero_stage == 3:
+            # ZeRO-3 gathers lm_head's weight only around lm_head's own forward, which the fused loss skips.
+            raise ConfigError("train.fused_loss needs deepspeed.zero_stage 0-2 (ZeRO-3 partitions lm_head)")
+        fuse_lm_loss(model, loss_kind)
+    if t.activation_checkpointing:
+        # Non-reentrant: no input needs requires_grad (a frozen base under an adapter), and it nests a compiled layer.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        # In place, before DeepSpeed wraps the model: the engine, its checkpoints and the export see the same
+        # modules and parameter names; compilation itself happens on the first forward.
+        compile_layers(model)
     optimizer = torch.optim.AdamW(
         _param_groups(model, spec.optim.weight_decay), lr=spec.optim.lr, betas=spec.optim.betas,
         eps=spec.optim.eps, fused=spec.use_gpu,
@@ -143,11 +169,6 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         lambda s: lr_at(s, peak=peak, warmup_steps=spec.optim.warmup_steps, max_steps=t.max_steps,
                         min_lr_ratio=spec.optim.min_lr_ratio) / peak,
     )
-    ds = spec.deepspeed
-    if world == 1 and ds.zero_stage > 0 and not (ds.offload_optimizer or ds.offload_params):
-        # ZeRO partitions state across data-parallel ranks; with one rank there is nothing
-        # to partition and stages 1-3 only add flat-buffer copies (5% of a tiny CPU step).
-        ds = dataclasses.replace(ds, zero_stage=0)
     ds_cfg = deepspeed_config(
         ds, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum,
         # Stage 0 clips here instead (below), because DeepSpeed does not expose the norm
@@ -203,7 +224,7 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if loaded is None:  # DeepSpeed returns None rather than raising when it finds nothing to load
             raise RuntimeError(f"DeepSpeed found no checkpoint to resume from in {folder}")
 
-    checkpoints = RayCheckpoints(rank)
+    checkpoints = RayCheckpoints(rank, async_upload=spec.checkpoint.async_upload)
     checkpoints_loader = checkpoints.loader(read)
 
     def load() -> LoopState | None:
@@ -225,17 +246,44 @@ def pretrain_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         # The stage really used (one worker runs stage 0), for the benchmark and the record.
         tags={"zero_stage": ds.zero_stage, "world": world},
     )
+    timings: dict[str, float | None] = {"time_to_first_step_s": None, "checkpoint_save_s": 0.0}
+    fault = test_fault(t.fail_at_step, spec.name, rank, world, hold=t.fail_mode == "hold")
+
+    def on_step(state: LoopState) -> None:
+        if timings["time_to_first_step_s"] is None:
+            timings["time_to_first_step_s"] = time.time() - (spec.started or time.time())
+        fault(state)
+
     engine.train()
     state = run_loop(
-        settings, step=step, batches=batches, evaluate=evaluate if spec.eval_blocks else None, report=report,
+        settings, step=step, batches=batches, evaluate=evaluate if spec.eval_blocks else None,
+        report=checkpoints.report,
         # Local mode keeps no checkpoints (Ray Train's local mode has no storage for them).
-        save=None if local else checkpoints.saver(lambda folder: engine.save_checkpoint(str(folder), tag=CKPT_TAG)),
-        load=load, reduce_mean=reduce_mean(world), on_step=test_fault(t.fail_at_step, spec.name, rank, world,
-                                                                          hold=t.fail_mode == "hold"),
-        log=say if rank == 0 else lambda _: None,
+        save=None if local else _timed(checkpoints.saver(lambda folder: engine.save_checkpoint(str(folder), tag=CKPT_TAG)),
+                                       timings),
+        load=load, reduce_mean=reduce_mean(world), on_step=on_step, log=say if rank == 0 else lambda _: None,
     )
+    if state.history:
+        state.history[-1].update(timings)
     _export(engine, spec, ds.zero_stage, rank, state.history, deepspeed)
     return state.history
+
+
+def _timed(save: Callable[[LoopState], contextlib.AbstractContextManager[Any]],
+           timings: dict[str, float | None]) -> Callable[[LoopState], contextlib.AbstractContextManager[Any]]:
+    """``save`` adding its seconds to ``timings["checkpoint_save_s"]``: the write, and the report inside it
+    (with a synchronous upload, the copy to storage; with an asynchronous one, only the registration)."""
+
+    @contextlib.contextmanager
+    def timed(state: LoopState) -> Iterator[Any]:
+        t0 = time.perf_counter()
+        try:
+            with save(state) as checkpoint:
+                yield checkpoint
+        finally:
+            timings["checkpoint_save_s"] = (timings["checkpoint_save_s"] or 0.0) + time.perf_counter() - t0
+
+    return timed
 
 
 def _export(engine: Any, spec: WorkerSpec, zero_stage: int, rank: int, history: list[dict[str, Any]],

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -137,10 +138,19 @@ def test_fault(fail_at_step: int | None, name: str, rank: int, world: int, *,
     return on_step
 
 
-def report(metrics: dict[str, Any], checkpoint: Any = None) -> None:
-    """``ray.train.report``, naming a checkpoint folder after its step."""
+def report(metrics: dict[str, Any], checkpoint: Any = None, *, async_upload: bool = False) -> None:
+    """``ray.train.report``, naming a checkpoint folder after its step.
+
+    With ``async_upload`` Ray Train copies the checkpoint to the run's storage in a
+    background thread and deletes the local folder afterwards; the report returns once
+    the checkpoint is registered, not uploaded.
+    """
     name = f"checkpoint_step{int(metrics.get('step', 0)):07d}" if checkpoint is not None else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    if async_upload and checkpoint is not None:
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+    else:
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 
 class RayCheckpoints:
@@ -155,18 +165,33 @@ class RayCheckpoints:
     keeps its fresh generators where a rank has none saved).
     """
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, *, async_upload: bool = False) -> None:
         self.rank = rank
+        self.async_upload = async_upload
+        """Upload in the background (``report``); the local folder then outlives ``save`` and Ray deletes it."""
+
+    def _write(self, tmp: str, write: Callable[[Path], None], state: LoopState) -> None:
+        write(Path(tmp))
+        torch.save(rng_state(), Path(tmp) / RNG_FILE.format(rank=self.rank))
+        if self.rank == 0:
+            data = state.to_dict()
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": data.pop("history"), "state": data}))
 
     def saver(self, write: Callable[[Path], None]) -> Callable[[LoopState], Any]:
         @contextlib.contextmanager
         def save(state: LoopState) -> Iterator[Any]:
+            if self.async_upload:
+                # Ray Train reads the folder after report returns, and deletes it once uploaded.
+                tmp = tempfile.mkdtemp(prefix="ray_med-ckpt-")
+                try:
+                    self._write(tmp, write, state)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                yield ray.train.Checkpoint.from_directory(tmp)
+                return
             with tempfile.TemporaryDirectory() as tmp:
-                write(Path(tmp))
-                torch.save(rng_state(), Path(tmp) / RNG_FILE.format(rank=self.rank))
-                if self.rank == 0:
-                    data = state.to_dict()
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps({"history": data.pop("history"), "state": data}))
+                self._write(tmp, write, state)
                 yield ray.train.Checkpoint.from_directory(tmp)
 
         return save
@@ -187,4 +212,4 @@ class RayCheckpoints:
         return load
 
     def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
-        report(metrics, checkpoint)
+        report(metrics, checkpoint, async_upload=self.async_upload)
