@@ -16,6 +16,9 @@ Measured in one run, each repeat (``--repeats``, default 3) in turn:
   the first content chunk (TTFT) and the time per token after it; per level: generated
   tokens/s over the wall time of the 64 requests.
 
+Also, as the ceiling, the replica's decode loop in this process with no serving stack
+(16 sequences at a time over the same 64 prompts); its texts must equal the served ones.
+
 Key ``batched_speedup_16``: tokens/s at 16 clients over the baseline's, as the median of
 the repeats (min and max beside it). Writes ``bench/results/generate_load.json`` and
 prints it as the last line.
@@ -92,6 +95,15 @@ class Baseline:
                                      do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
             tokens += out.shape[1] - ids.shape[1] - int(out[0, -1] == tok.eos_token_id)
         return tokens / (time.perf_counter() - start), tokens
+
+    def batched(self, prompts: list[str], new: int, width: int) -> tuple[float, list[str]]:
+        """(tokens/s, texts) of the replica's decode loop in this process, ``width`` sequences at a time."""
+        from ray_med.generation.decoder import GenRequest
+
+        self.engine.decoder.max_batch = width
+        start = time.perf_counter()
+        seqs = self.engine.decode([GenRequest(self.ids(p, new), new) for p in prompts])
+        return sum(len(s.tokens) for s in seqs) / (time.perf_counter() - start), [s.text for s in seqs]
 
 
 async def _stream(session, url: str, prompt: str, new: int) -> tuple[float, float, int, str]:
@@ -195,12 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[dict] = []
     for rep in range(args.repeats):
         tps, tokens = base.run(prompts, args.new_tokens)
-        run = {"baseline_tokens_per_s": tps, "baseline_tokens": tokens}
+        loop_tps, loop_texts = base.batched(prompts, args.new_tokens, 16)
+        run = {"baseline_tokens_per_s": tps, "baseline_tokens": tokens, "in_process_loop_16_tokens_per_s": loop_tps}
         for clients in LEVELS:
             run[f"c{clients}"] = asyncio.run(served(url, prompts, args.new_tokens, clients))
         # Greedy: every level decodes the same tokens (batched equals alone), so the counts agree.
         texts = {c: run[f"c{c}"].pop("texts") for c in LEVELS}
-        run["same_text_at_every_level"] = texts[1] == texts[4] == texts[16]
+        run["same_text_at_every_level"] = texts[1] == texts[4] == texts[16] == loop_texts
         runs.append(run)
         print(json.dumps({"repeat": rep, **{k: v for k, v in run.items()}}), flush=True)
     serve.shutdown()
@@ -214,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": "sequential in-process HF generate (one request at a time)",
         "served": "/v1/chat/completions, stream=true, greedy, through Ray Serve",
         "baseline_tokens_per_s": spread([r["baseline_tokens_per_s"] for r in runs], 1),
+        # The ceiling: the same loop with no serving stack, 16 sequences at a time.
+        "in_process_loop_16_tokens_per_s": spread([r["in_process_loop_16_tokens_per_s"] for r in runs], 1),
+        "in_process_loop_16_speedup": spread([r["in_process_loop_16_tokens_per_s"] / r["baseline_tokens_per_s"]
+                                              for r in runs], 2),
     }
     for c in LEVELS:
         level = {k: spread([r[f"c{c}"][k] for r in runs], 2) for k in runs[0][f"c{c}"] if k != "tokens"}
