@@ -185,7 +185,9 @@ class BatchDecoder:
 
     @property
     def active(self) -> int:
-        return sum(len(g.seqs) for g in self.groups.values())
+        # list(): one C-level copy, so a reader on another thread (the server's stats) never
+        # iterates the dict while a step adds or drops a group.
+        return sum(len(g.seqs) for g in list(self.groups.values()))
 
     def busy(self) -> bool:
         """Sequences waiting or running (call it from the stepping thread, or while no step runs)."""
@@ -193,7 +195,7 @@ class BatchDecoder:
 
     def adapters_in_use(self) -> set[str | None]:
         queued = [*self.waiting, *self._inbox]
-        return {g.adapter for g in self.groups.values() if g.seqs} | {s.req.adapter for s in queued}
+        return {g.adapter for g in list(self.groups.values()) if g.seqs} | {s.req.adapter for s in queued}
 
     # ---- one step
 
