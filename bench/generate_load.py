@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from common import spread, write_result  # noqa: E402
-from serve_load import ingress_url, serve_env  # noqa: E402
+from serve_load import _pct, ingress_url, serve_env  # noqa: E402
 
 LEVELS = (1, 4, 16)
 # One torch thread, in the replica and the baseline alike: on 2 cores the replica's model
@@ -160,11 +160,6 @@ async def served(url: str, prompts: list[str], new: int, clients: int) -> dict:
     return {"tokens_per_s": tokens / wall, "tokens": tokens, "ttft_p50_ms": 1000 * _pct(ttft, 0.5),
             "ttft_p99_ms": 1000 * _pct(ttft, 0.99), "per_token_p50_ms": 1000 * _pct(per_token, 0.5),
             "per_token_p99_ms": 1000 * _pct(per_token, 0.99), "texts": [texts[i] for i in range(len(prompts))]}
-
-
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,7 +236,10 @@ class LMEngine:
         return ids
 
     def gen_request(self, spec: GenSpec, adapter: str | None) -> GenRequest:
-        """The sequence a request decodes: its prompt (or chat) encoded and checked, seeded by its own seed."""
+        """The sequence a request decodes: its prompt (or chat) encoded against the context, seeded by its own seed.
+
+        Its other limits (temperature, top_p, max_new_tokens) are checked when it is submitted.
+        """
         if spec.image is not None:
             raise DataError("the served model is text-only; images need a multimodal model")
         if spec.messages is not None:
@@ -248,7 +251,6 @@ class LMEngine:
         req = GenRequest(self.encode_prompt(text, spec.max_new_tokens), spec.max_new_tokens,
                          temperature=spec.temperature, top_p=spec.top_p, seed=sample_seed(sampling_seed(spec.seed)),
                          adapter=adapter or None, stop=tuple(spec.stop))
-        req.check(context_length(self.model))
         return req
 
     def complete(self, text: str, *, max_new_tokens: int, temperature: float, seed: int | None,
